@@ -1,0 +1,1 @@
+"""Subcommands of `sid-fast` (see `sid_fast/cli.py`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: distances to a reference distribution, reports and plots."""
