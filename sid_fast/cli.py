@@ -11,6 +11,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sid_fast.commands.demo", "run the embedded default end to end and write a report"),
     "distill": ("sid_fast.commands.distill", "distil a teacher with SiD from a YAML config and overrides"),
+    "sample": ("sid_fast.commands.sample", "sample an exported generator: prompts in, PNG grid out"),
+    "plan": ("sid_fast.commands.plan", "predict per-GPU memory of a ZeRO-3 SiD run and whether it fits"),
+    "prepare": ("sid_fast.commands.prepare", "encode prompts or images once into webdataset shards"),
+    "kernels": ("sid_fast.commands.kernels", "check and time fused-op backends (triton, cpp, your own) against the reference"),
 }
 
 

@@ -34,10 +34,34 @@ class TeacherConfig:
     """Named built-in configuration (toy mixtures, tiny random DiTs for tests)."""
     dtype: str = "float32"
     """Parameter dtype of the three networks: float32, bfloat16 or float16."""
+    resolution: int = 0
+    """Image size in pixels of the diffusers teachers (latent side = resolution / VAE factor); 0: the teacher's default."""
+    prompts: str | None = None
+    """Text file of training prompts, one per line, encoded once by the teacher's own text encoders (sd3/flux/sana)."""
+    max_sequence_length: int = 0
+    """T5/Gemma prompt tokens; 0: the pipeline's default (SD3 256, FLUX 512, SANA 300)."""
+    flux_guidance_mode: str = "embed"
+    """FLUX.1-dev guidance of teacher and fake score (§4): `embed` (g = flux_guidance) or `embed+cfg` (g = κ and CFG at κ)."""
+    flux_guidance: float = 3.5
+    """FLUX guidance-embedding value g of the `embed` mode (the FLUX.1-dev pipeline default)."""
+    sana_timestep: str = "auto"
+    """SANA timestep convention: `1000t` (RF teachers), `t` (SANA-Sprint teachers) or `auto` (from the model config)."""
+    fake_lora_rank: int = 0
+    """Fake score as teacher + LoRA adapters of this rank (teacher weights shared); 0: a full trainable copy."""
 
     def __post_init__(self) -> None:
         _check(bool(self.kind), "teacher.kind", "must name a teacher family")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "teacher.dtype", f"unknown dtype {self.dtype!r}")
+        _check(self.resolution >= 0, "teacher.resolution", f"must be >= 0, got {self.resolution}")
+        _check(self.max_sequence_length >= 0, "teacher.max_sequence_length", "must be >= 0")
+        _check(self.flux_guidance_mode in ("embed", "embed+cfg"), "teacher.flux_guidance_mode",
+               f"must be `embed` or `embed+cfg`, got {self.flux_guidance_mode!r}")
+        _check(self.flux_guidance > 0, "teacher.flux_guidance", f"must be > 0, got {self.flux_guidance}")
+        _check(self.sana_timestep in ("auto", "1000t", "t"), "teacher.sana_timestep",
+               f"must be auto, 1000t or t, got {self.sana_timestep!r}")
+        _check(self.fake_lora_rank >= 0, "teacher.fake_lora_rank", f"must be >= 0, got {self.fake_lora_rank}")
+        if self.prompts is not None:
+            _check(Path(self.prompts).is_file(), "teacher.prompts", f"prompt file {self.prompts!r} does not exist")
         if self.path is not None:
             _check(Path(self.path).exists(), "teacher.path", f"teacher directory {self.path!r} does not exist")
 
@@ -166,6 +190,170 @@ class TrainConfig:
 
 
 @dataclass
+class EngineConfig:
+    kind: str = "local"
+    """How the three networks are held: `local` (one process) or `deepspeed` (ZeRO-3 over all ranks)."""
+    zero_stage: int = 3
+    """ZeRO stage of the DeepSpeed engine (3: parameters, gradients and optimizer states partitioned)."""
+    bf16: bool = False
+    """bf16 parameters and activations with fp32 master weights and Adam states in the optimizer."""
+    offload_optimizer: bool = False
+    """Keep fp32 master weights and Adam states in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep parameter partitions in CPU memory between uses (ZeRO-Infinity, CPU)."""
+    pin_memory: bool = True
+    """Pin the CPU buffers of offloading."""
+    activation_checkpointing: bool = False
+    """Recompute transformer-block activations in backward (models with `enable_gradient_checkpointing`)."""
+    ds_config: str | None = None
+    """Optional DeepSpeed JSON whose DeepSpeed-only keys are merged over the generated config."""
+    optimizer: str = "auto"
+    """Adam implementation: `torch` (torch.optim.Adam), `deepspeed` (FusedAdam / CPU Adam) or `auto`."""
+    persistence_threshold: int = 100_000
+    """Parameters with fewer elements stay whole on every rank (ZeRO-3 persistence); 0 partitions all."""
+    overlap_comm: bool = False
+    """Overlap gradient reduce-scatter with backward (GPU only)."""
+    sharded_ema: bool = True
+    """Keep the generator EMA as each rank's own partition (no all-gather per step); False: full copy per rank."""
+    backend: str | None = None
+    """torch.distributed backend; default nccl on GPUs, gloo on CPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("local", "deepspeed"), "engine.kind", f"unknown engine {self.kind!r}; expected local or deepspeed")
+        _check(self.zero_stage == 3, "engine.zero_stage", f"only ZeRO stage 3 is supported, got {self.zero_stage}")
+        _check(self.optimizer in ("auto", "torch", "deepspeed"), "engine.optimizer",
+               f"unknown optimizer {self.optimizer!r}; expected auto, torch or deepspeed")
+        _check(self.persistence_threshold >= 0, "engine.persistence_threshold", "must be >= 0")
+        _check(self.backend in (None, "nccl", "gloo", "mpi", "ccl", "hccl"), "engine.backend", f"unknown backend {self.backend!r}")
+        if self.ds_config is not None:
+            _check(Path(self.ds_config).is_file(), "engine.ds_config", f"DeepSpeed JSON {self.ds_config!r} does not exist")
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None
+    """Directory of prepared shards (`sid-fast prepare`); None: conditions come from the teacher family."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    shuffle_buffer: int = 1000
+    """Records held by each reader's shuffle buffer (0: shard order only)."""
+    max_bad_fraction: float = 0.01
+    """Stop with an error naming the shard when a reader's bad samples in an epoch exceed this fraction."""
+    seed: int | None = None
+    """Seed of the shard order and shuffle (None: train.seed)."""
+
+    def __post_init__(self) -> None:
+        if self.shards is not None:
+            _check(Path(self.shards, "manifest.json").is_file(), "data.shards",
+                   f"{self.shards!r} is not a finished shard directory (no manifest.json)")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _check(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class KernelConfig:
+    loss_backend: str = "torch"
+    """Backend of the fused SiD loss ops (`sid_fast.kernels`): torch (the reference), triton, cpp or a registered one."""
+    attention: str = "auto"
+    """Attention of diffusers networks: auto (flash-attn 3/2, then xformers, on CUDA; else SDPA), native, flash, flash_3 or xformers."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.loss_backend) and self.loss_backend.isidentifier(), "kernels.loss_backend",
+               f"must name a backend (torch, triton, cpp, ...), got {self.loss_backend!r}")
+        _check(self.attention in ("auto", "native", "flash", "flash_3", "xformers"), "kernels.attention",
+               f"unknown attention backend {self.attention!r}; expected auto, native, flash, flash_3 or xformers")
+
+
+@dataclass
+class AdversarialConfig:
+    enabled: bool = False
+    """Data-aided SiD²ₐ (§5): real latents + captions from image shards, the fake score as discriminator."""
+    generator_warmup_images: int = 20_000
+    """No generator updates until this many images have been seen (fake score + discriminator only)."""
+    adversarial_from_images: int = 40_000
+    """The generator's adversarial term starts at this many images seen (before: L_θ alone)."""
+    sid_weight: float = 0.5
+    """Weight of L_θ in the generator total once the adversarial term is on (0.5·L_θ + 0.5·L_adv)."""
+    adv_weight: float = 0.5
+    """Weight of L_adv in the generator total."""
+    weighting: str = "one_minus_t"
+    """λ(t) of L_adv (any §3 weighting but `sid`)."""
+    init_generator: str | None = None
+    """Generator start: a data-free run's generator.safetensors or a checkpoint step directory (§5); None: teacher copy."""
+
+    def __post_init__(self) -> None:
+        _check(self.generator_warmup_images >= 0, "adversarial.generator_warmup_images", "must be >= 0")
+        _check(self.adversarial_from_images >= 0, "adversarial.adversarial_from_images", "must be >= 0")
+        _check(self.sid_weight >= 0 and self.adv_weight >= 0, "adversarial.sid_weight/adv_weight", "must be >= 0")
+        _check(self.weighting in WEIGHTINGS and self.weighting != "sid", "adversarial.weighting",
+               f"must be one of {[w for w in WEIGHTINGS if w != 'sid']}, got {self.weighting!r}")
+        if self.init_generator is not None:
+            _check(Path(self.init_generator).exists(), "adversarial.init_generator",
+                   f"{self.init_generator!r} does not exist")
+
+
+@dataclass
+class HealthConfig:
+    on_nonfinite: str = "stop"
+    """NaN/inf in a watched tensor or loss: `stop` (raise, naming step, network, tensor) or `skip` (drop that update)."""
+    check_tensors: bool = True
+    """Check network outputs (teacher, fake score, generator) for NaN/inf, not only the losses (one sync each)."""
+    collapse_every: int = 0
+    """Iterations between diversity checks of a fixed-seed generator batch (0: off)."""
+    collapse_batch: int = 16
+    """Samples in the fixed-seed diversity batch."""
+    collapse_ratio: float = 0.5
+    """Warn when the mean pairwise distance falls below this fraction of its first value."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU (e.g. 989 for H100 bf16 dense); 0: MFU not reported."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under out_dir/tb (rank 0)."""
+    wandb_project: str | None = None
+    """Weights & Biases project; used only when `wandb` is importable."""
+
+    def __post_init__(self) -> None:
+        _check(self.on_nonfinite in ("stop", "skip"), "health.on_nonfinite", f"must be stop or skip, got {self.on_nonfinite!r}")
+        _check(self.collapse_every >= 0, "health.collapse_every", "must be >= 0")
+        _check(self.collapse_batch >= 2, "health.collapse_batch", "must be >= 2")
+        _check(0 < self.collapse_ratio < 1, "health.collapse_ratio", "must be in (0, 1)")
+        _check(self.peak_tflops >= 0, "health.peak_tflops", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    every_images: int = 0
+    """Evaluate every this many images seen (0: off)."""
+    num_samples: int = 64
+    """Samples per evaluation (fixed prompts and seeds), split evenly over ranks."""
+    seed: int = 1234
+    """Seed of the evaluation noise and prompt choice."""
+    grid: int = 16
+    """Samples shown in the PNG grid (rank 0's first ones)."""
+    metric: str = "fd"
+    """Metric that picks the best checkpoints: fd (Fréchet distance on the samples), fid, clip."""
+    keep_best: int = 2
+    """Best-by-metric generator checkpoints kept under out_dir/best (never fewer than 1)."""
+    inception_weights: str | None = None
+    """Local Inception-v3 weights for FID (TorchScript, or a state dict with torch-fidelity installed)."""
+    clip_model: str | None = None
+    """Local CLIP model directory (transformers format) for the CLIP score."""
+    reference: str | None = None
+    """safetensors with reference `features` (N, F) or `mu`/`sigma` for the Fréchet metrics."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_images >= 0, "eval.every_images", "must be >= 0")
+        _check(self.num_samples >= 2, "eval.num_samples", "must be >= 2")
+        _check(self.grid >= 0, "eval.grid", "must be >= 0")
+        _check(self.metric in ("fd", "fid", "clip"), "eval.metric", f"must be fd, fid or clip, got {self.metric!r}")
+        _check(self.keep_best >= 1, "eval.keep_best", "must be >= 1 (the only checkpoint is never deleted)")
+        for name in ("inception_weights", "clip_model", "reference"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(Path(value).exists(), f"eval.{name}", f"{value!r} does not exist")
+
+
+@dataclass
 class SiDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Which teacher to distil."""
@@ -175,6 +363,18 @@ class SiDConfig:
     """Optimisers (§6)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop, checkpoints and logging."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Single process or DeepSpeed ZeRO-3 (see docs/distributed.md)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt/image shards and the streaming loader (see docs/data.md)."""
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    """Fused loss kernels and the attention backend (see docs/kernels.md)."""
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    """Data-aided SiD²ₐ (§5; see docs/evaluation.md)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """NaN/inf handling, collapse warning, MFU and log sinks (see docs/evaluation.md)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """In-loop evaluation and best-checkpoint keeping (see docs/evaluation.md)."""
 
 
 # ---------------------------------------------------------------- dict / YAML / overrides
