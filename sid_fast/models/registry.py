@@ -19,8 +19,8 @@ class TeacherBundle:
     """Frozen teacher velocity model."""
     student: nn.Module | None
     """Initialisation of generator and fake score (None: copies of the teacher)."""
-    conditions: ConditionSource
-    """Where training conditionings come from."""
+    conditions: ConditionSource | None
+    """Where training conditionings come from (None: prepared shards must be given as data.shards)."""
     sample_shape: tuple[int, ...]
     """Per-sample latent shape."""
     reference: object | None = None
@@ -29,7 +29,9 @@ class TeacherBundle:
 
 _FAMILIES: dict[str, Callable] = {}
 # families whose module registers them on import
-_LAZY = {"mixture": "sid_fast.models.toy"}
+_LAZY = {"mixture": "sid_fast.models.toy", "sd3": "sid_fast.models.diffusers_family",
+         "flux": "sid_fast.models.diffusers_family", "sana": "sid_fast.models.diffusers_family",
+         "shapes": "sid_fast.models.shapes"}
 
 
 def register_family(name: str, builder: Callable) -> None:

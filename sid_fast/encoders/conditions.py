@@ -1,0 +1,53 @@
+"""A `ConditionSource` over prompts encoded once up front (DESIGN.md §1: the unconditional is the encoded "")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sid_fast.models.protocol import Conditioning
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, stripped; the error names the file when it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+class EmbeddingConditions:
+    """Draws conditionings uniformly from a bank of N encoded prompts.
+
+    bank: a Conditioning of batch N (e.g. embeds (N, L, D), pooled (N, P), mask (N, L)).
+    uncond: the encoded empty prompt, batch 1 (expanded to any batch size).
+    Draws come from the trainer's generator, which the checkpoint saves, so the source itself holds no state.
+    """
+
+    def __init__(self, bank: Conditioning, uncond: Conditioning):
+        if len(uncond) != 1:
+            raise ValueError(f"the unconditional embedding must have batch 1, got {len(uncond)}")
+        if sorted(bank.tensors()) != sorted(uncond.tensors()):
+            raise ValueError(f"bank fields {sorted(bank.tensors())} differ from unconditional fields {sorted(uncond.tensors())}")
+        self.bank, self.uncond = bank, uncond
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Conditioning:
+        index = torch.randint(len(self.bank), (batch_size,), generator=generator, device=generator.device)
+        return self.bank[index.cpu()]
+
+    def unconditional(self, batch_size: int) -> Conditioning:
+        return self.uncond.expand_to(batch_size)
+
+    def state_dict(self) -> dict:
+        return {"num_prompts": len(self.bank)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_prompts") != len(self.bank):
+            raise ValueError(f"checkpoint was trained on {state.get('num_prompts')} prompts, this source has {len(self.bank)}")
