@@ -157,6 +157,8 @@ def load_checkpoint(directory: Path, engine, generator: torch.Generator) -> dict
     engine.load_state(directory)
     rank_suffix = f"-rank{engine.rank}" if engine.world_size > 1 else ""
     rng_file = directory / f"rng{rank_suffix}.safetensors"
+    if not rng_file.is_file() and (directory / f"rng-rank{engine.rank}.safetensors").is_file():
+        rng_file = directory / f"rng-rank{engine.rank}.safetensors"  # saved by more ranks: this rank's own stream
     if not rng_file.is_file():
         raise CheckpointError(f"checkpoint {directory}: {rng_file.name} missing (saved with another world size?)")
     restore_rng(load_file(rng_file), generator)

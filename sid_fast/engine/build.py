@@ -1,0 +1,78 @@
+"""From a config to an engine and a trainer: the one entry point `sid-fast distill` and the launchers share.
+
+`build_engine(config, bundle)` picks the engine from `config.engine.kind` (local | deepspeed);
+`run_training(config)` builds the teacher bundle, the engine and the SiD trainer, trains, and writes the
+consolidated generator (rank 0) as `<out_dir>/generator.safetensors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sid_fast.config import SiDConfig, dump_yaml
+
+
+def build_engine(config: SiDConfig, bundle, fake_score: nn.Module | None = None, generator: nn.Module | None = None):
+    """The engine named by `config.engine.kind` holding bundle.teacher and copies of the student."""
+    from sid_fast.api import init_student
+
+    if fake_score is None or generator is None:
+        fake_score, generator = init_student(bundle.teacher, bundle.student)
+        if config.teacher.fake_lora_rank:
+            from sid_fast.models.lora import make_lora_fake_score
+
+            # the fake score shares the frozen teacher's weights and trains LoRA adapters only
+            fake_score = make_lora_fake_score(bundle.teacher.requires_grad_(False), config.teacher.fake_lora_rank)
+    if config.engine.kind == "local":
+        from sid_fast.engine.local import LocalEngine
+
+        return LocalEngine(bundle.teacher, fake_score, generator, config.optim, grad_accum=config.train.grad_accum,
+                           ema_decay=config.train.ema_decay, device=config.train.device)
+    from sid_fast.engine.zero3 import DeepSpeedEngine
+
+    return DeepSpeedEngine(bundle.teacher, fake_score, generator, config.optim, config.train, config.engine)
+
+
+def run_training(config: SiDConfig, bundle=None) -> Path:
+    """Train with `config` (every rank calls this); returns the path of the exported generator."""
+    from safetensors.torch import save_file
+
+    from sid_fast.models.registry import build_teacher
+    from sid_fast.trainer import SiDTrainer
+
+    torch.set_flush_denormal(True)
+    bundle = bundle if bundle is not None else build_teacher(config.teacher)
+    if config.data.shards is not None:
+        from sid_fast.data import build_conditions
+        from sid_fast.data.encoding import teacher_id
+
+        expected = None
+        if config.teacher.path is not None:  # shards must come from this teacher's own encoders
+            expected = teacher_id(config.teacher.kind, config.teacher.path, config.teacher.max_sequence_length)
+        bundle.conditions = build_conditions(config.data, expected, config.train.seed)
+    if bundle.conditions is None:
+        raise ValueError("config field data.shards: this teacher has no prompts; prepare prompt shards with "
+                         "`sid-fast prepare prompts` and pass --data.shards=DIR (or give teacher.prompts)")
+    engine = build_engine(config, bundle)
+    out = Path(config.train.out_dir)
+    if engine.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(config))
+    trainer = SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
+    trainer.fit()
+    state = engine.generator_state_dict(ema=True)  # collective under ZeRO-3: every rank takes part
+    if engine.rank == 0:
+        save_file(state, out / "generator.safetensors")
+        print(f"generator written to {out / 'generator.safetensors'}")
+        if config.teacher.kind in ("sd3", "flux", "sana"):
+            from sid_fast.export import export_from_state_dict
+
+            method = config.method
+            directory = export_from_state_dict(config.teacher, out / "generator.safetensors", out / "generator-diffusers",
+                                               method.num_steps, method.t_init, method.noise)
+            print(f"diffusers transformer + SiD scheduler written to {directory}")
+    engine.barrier()
+    return out / "generator.safetensors"
