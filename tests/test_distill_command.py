@@ -54,3 +54,21 @@ def test_shards_of_another_teacher_are_refused(tmp_path, capsys):
                  "--data.num_workers=0", "--train.iterations=1", f"--train.out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "sd3:" in err and "tiny" in err, err
+
+
+def test_data_aided_distill_from_a_data_free_generator(tmp_path):
+    """`sid-fast distill --adversarial.enabled=true` on the exact mixture: starts from a data-free generator file,
+    real samples from the mixture, the adversarial term active after its warm-up."""
+    import json
+
+    common = ["--teacher.kind=mixture", "--teacher.preset=ring8", "--method.num_steps=1", "--method.kappa_teacher=1",
+              "--method.kappa_fake_gen=1", "--method.kappa_fake_loss=1", "--train.batch_size=64",
+              "--train.progress=false", "--train.log_every=1", "--health.tensorboard=false"]
+    assert main(["distill", *common, "--train.iterations=3", f"--train.out_dir={tmp_path / 'free'}"]) == 0
+    assert main(["distill", *common, "--train.iterations=6", "--adversarial.enabled=true",
+                 f"--adversarial.init_generator={tmp_path / 'free' / 'generator.safetensors'}",
+                 "--adversarial.generator_warmup_images=256", "--adversarial.adversarial_from_images=512",
+                 f"--train.out_dir={tmp_path / 'aided'}"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "aided" / "log.jsonl").read_text().splitlines()]
+    assert any(row.get("loss_adv") is not None and row["loss_adv"] > 0 for row in log), log[-1]
+    assert not any("loss_generator" in row and row["images_seen"] <= 256 for row in log)

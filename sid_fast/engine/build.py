@@ -56,12 +56,25 @@ def run_training(config: SiDConfig, bundle=None) -> Path:
     if bundle.conditions is None:
         raise ValueError("config field data.shards: this teacher has no prompts; prepare prompt shards with "
                          "`sid-fast prepare prompts` and pass --data.shards=DIR (or give teacher.prompts)")
-    engine = build_engine(config, bundle)
+    if config.adversarial.enabled:  # SiD²ₐ (§5): real latents with their captions, fake score as discriminator
+        from sid_fast.adversarial import MixtureRealData, build_data_aided_trainer
+
+        if config.data.shards is not None:
+            real_data = bundle.conditions  # image shards: latents + captions (prepare images)
+        elif bundle.reference is not None:
+            real_data = MixtureRealData(bundle.reference, bundle.conditions, seed=config.train.seed + 1)
+        else:
+            raise ValueError("config field data.shards: data-aided SiD (adversarial.enabled) needs image shards "
+                             "with latents (`sid-fast prepare images`)")
+        trainer = build_data_aided_trainer(config, bundle, real_data)
+        engine = trainer.engine
+    else:
+        engine = build_engine(config, bundle)
+        trainer = SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
     out = Path(config.train.out_dir)
     if engine.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(config))
-    trainer = SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
     trainer.fit()
     state = engine.generator_state_dict(ema=True)  # collective under ZeRO-3: every rank takes part
     if engine.rank == 0:

@@ -1,1 +1,1 @@
-"""Evaluation: distances to a reference distribution, reports and plots."""
+"""Evaluation: distances to a reference distribution, scores, plots and reports."""

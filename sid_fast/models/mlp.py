@@ -46,3 +46,12 @@ class VelocityMLP(nn.Module):
             h = h + self.label_embed(index)
         h = self.trunk[1:](h)
         return self.out(h).reshape(shape)
+
+    def forward_flops(self, batch_shape: tuple[int, ...]) -> float:
+        """Analytic FLOPs of one forward of a batch of shape `batch_shape` (2 per multiply-add of the linears)."""
+        macs = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        return 2.0 * batch_shape[0] * macs
+
+    def feature_module(self) -> nn.Module:
+        """The output layer; its input (B, hidden) is the last hidden layer, the §5 discriminator feature."""
+        return self.out
