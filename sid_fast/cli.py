@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sid_fast.commands.sample", "sample an exported generator: prompts in, PNG grid out"),
     "plan": ("sid_fast.commands.plan", "predict per-GPU memory of a ZeRO-3 SiD run and whether it fits"),
     "prepare": ("sid_fast.commands.prepare", "encode prompts or images once into webdataset shards"),
+    "pretrain": ("sid_fast.commands.pretrain", "train the ShapesWorld teacher with flow matching (docs/shapes.md)"),
     "kernels": ("sid_fast.commands.kernels", "check and time fused-op backends (triton, cpp, your own) against the reference"),
 }
 

@@ -15,6 +15,30 @@ from sid_fast.flow import interpolate, sample_time, x0_noise_to_velocity
 from sid_fast.models.protocol import Conditioning
 
 
+def drop_conditions(cond: Conditioning, null: Conditioning, drop: torch.Tensor) -> Conditioning:
+    """Replace the samples where `drop` (B,) bool is set by the unconditional `null` (batch B): caption dropout."""
+    return Conditioning(**{
+        name: torch.where(drop.view(-1, *([1] * (value.ndim - 1))), getattr(null, name).to(value.dtype), value)
+        for name, value in cond.tensors().items()
+    })
+
+
+# §1: E ||v(x_t, t, c) - (eps - x0)||^2, x_t = (1 - t) x0 + t eps; summed over elements, mean over the batch
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, cond: Conditioning, null: Conditioning,
+                       rng: torch.Generator, cond_dropout: float = 0.1, time_scheme: str = "logit_normal",
+                       **time_options) -> torch.Tensor:
+    """One flow-matching loss on data x0 (B, ...) with conditions `cond`; a `cond_dropout` fraction of the batch
+    gets the unconditional `null` (batch B) so the model also learns the CFG branch. Draws from `rng` in a fixed
+    order: dropout, noise, time."""
+    batch_size = x0.shape[0]
+    if cond_dropout > 0:
+        cond = drop_conditions(cond, null, torch.rand(batch_size, generator=rng) < cond_dropout)
+    noise = torch.randn(x0.shape, generator=rng)
+    t = sample_time(batch_size, time_scheme, generator=rng, **time_options)
+    prediction = model(interpolate(x0, noise, t), t, cond)
+    return ((prediction.float() - x0_noise_to_velocity(x0, noise).float()) ** 2).flatten(1).sum(1).mean()
+
+
 def fit_flow_matching(
     model: nn.Module,
     sample_data: Callable[[int, torch.Generator], tuple[torch.Tensor, Conditioning]],
@@ -40,17 +64,7 @@ def fit_flow_matching(
     model.train()
     for _ in iterator:
         x0, cond = sample_data(batch_size, rng)
-        if cond_dropout > 0:
-            drop = torch.rand(batch_size, generator=rng) < cond_dropout
-            null = uncond(batch_size)
-            cond = Conditioning(**{
-                name: torch.where(drop.view(-1, *([1] * (value.ndim - 1))), getattr(null, name), value)
-                for name, value in cond.tensors().items()
-            })
-        noise = torch.randn(x0.shape, generator=rng)
-        t = sample_time(batch_size, time_scheme, generator=rng)
-        prediction = model(interpolate(x0, noise, t), t, cond)
-        loss = ((prediction - x0_noise_to_velocity(x0, noise)) ** 2).flatten(1).sum(1).mean()
+        loss = flow_matching_loss(model, x0, cond, uncond(batch_size), rng, cond_dropout, time_scheme)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -47,7 +47,8 @@ class MiniLMEncoder:
         path = Path(path) if path is not None else model_path()
         self.max_length, self.device = max_length, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval().requires_grad_(False).to(self.device)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self.model = model.eval().requires_grad_(False).to(self.device)
         self.teacher_id = f"shapes:all-minilm-l6-v2:L{max_length}"
 
     @torch.no_grad()
