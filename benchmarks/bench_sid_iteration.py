@@ -28,6 +28,25 @@ def test_sid_iteration_exact_teacher(benchmark, tmp_path, num_steps):
     benchmark.extra_info["images_per_s"] = 2 * batch / benchmark.stats.stats.median
 
 
+@pytest.mark.parametrize("preset", ["tiny", "medium"])
+def test_sid_iteration_sd3_dit(benchmark, tmp_path, preset):
+    """A SiD iteration on an SD3Transformer2DModel with random weights (sid_fast.models.tiny_components), κ = 4.5."""
+    from sid_fast.api import init_student
+    from sid_fast.config import TeacherConfig
+    from sid_fast.models.registry import build_teacher
+
+    batch = 4
+    bundle = build_teacher(TeacherConfig(kind="sd3", preset=preset))
+    config = load_config(overrides=["teacher.kind=sd3", f"teacher.preset={preset}", "method.num_steps=4",
+                                    f"train.batch_size={batch}", "train.progress=false", f"train.out_dir={tmp_path}"])
+    fake, generator = init_student(bundle.teacher, bundle.student)
+    engine = LocalEngine(bundle.teacher, fake, generator, config.optim)
+    trainer = SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
+    benchmark.pedantic(trainer.train_step, rounds=5 if preset == "medium" else 20, warmup_rounds=1)
+    benchmark.extra_info["images_per_s"] = 2 * batch / benchmark.stats.stats.median
+    benchmark.extra_info["sample_shape"] = list(bundle.sample_shape)
+
+
 @pytest.mark.parametrize("shape", [(8, 4, 32, 32), (8, 16, 64, 64)])
 def test_generator_loss_forward_backward(benchmark, shape):
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 - `NonFiniteGuard`: every watched tensor (teacher / fake-score / generator outputs) and every loss is checked
   before its backward; a NaN/inf either stops the run (`NonFiniteError`) or skips that network's update, with a
-  diagnostic naming the step, the network and the tensor. Nothing is masked (no nan_to_num). All ranks agree on
+  diagnostic naming the step, the network and the tensor. Nothing is masked (NaNs are never replaced). All ranks agree on
   the verdict (one all-reduce), so a skip never desynchronises ZeRO-3 collectives.
 - `FlopCounter`: analytic FLOPs from forward hooks on models that give `forward_flops(batch_shape)`; with
   `health.peak_tflops` it yields MFU.

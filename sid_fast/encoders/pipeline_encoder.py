@@ -8,7 +8,7 @@ The unconditional is the encoding of "" (DESIGN.md §1), for SANA without the pr
 
 Use batch by batch (a data-preparation step), then `release()` before training:
 
-    encoder = PromptEncoder.from_pretrained("teachers/sd3-medium", "sd3")
+    encoder = PromptEncoder.from_pretrained("/models/sd3-medium", "sd3")
     cond = encoder.encode(["a red bicycle", "two cats"])   # Conditioning of batch 2
     uncond = encoder.unconditional()                        # Conditioning of batch 1
     encoder.release()
