@@ -157,6 +157,8 @@ class TrainConfig:
     """Micro-batch per process and update."""
     grad_accum: int = 1
     """Micro-batches accumulated per update of each network."""
+    fake_updates: int = 1
+    """Fake-score updates per iteration before the generator update (1 in the paper; more lets the fake score keep up)."""
     fake_warmup_iters: int = 0
     """Iterations at the start that update only the fake score."""
     ema_decay: float = 0.0
@@ -182,6 +184,7 @@ class TrainConfig:
         _check(self.iterations >= 0, "train.iterations", "must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.fake_updates >= 1, "train.fake_updates", f"must be >= 1, got {self.fake_updates}")
         _check(self.fake_warmup_iters >= 0, "train.fake_warmup_iters", "must be >= 0")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")

@@ -185,20 +185,25 @@ class SiDTrainer:
         return step >= self.config.train.fake_warmup_iters
 
     def train_step(self) -> StepStats:
-        """One SiD iteration: `grad_accum` fake-score micro-batches then `grad_accum` generator micro-batches."""
+        """One SiD iteration: `train.fake_updates` fake-score updates, then one generator update; each update is
+        `grad_accum` micro-batches."""
         step, accum = self.step, self.config.train.grad_accum
         steps_run = self.steps_for_iteration(step)
         fake_total, gen_total, stats_fake, stats_gen, skipped = 0.0, None, {}, {}, []
         self._teacher_fake_mse = []
-        for _ in range(accum):
-            loss = self.fake_score_loss(steps_run)
-            if self.guard.verdict(loss, step, "fake_score", "fake-score loss"):  # stop raises; skip: no update
-                skipped.append("fake_score")
-                fake_total = float("nan")
+        for _ in range(self.config.train.fake_updates):  # the logged fake loss is that of the last update
+            fake_total = 0.0
+            for _ in range(accum):
+                loss = self.fake_score_loss(steps_run)
+                if self.guard.verdict(loss, step, "fake_score", "fake-score loss"):  # stop raises; skip: no update
+                    skipped.append("fake_score")
+                    fake_total = float("nan")
+                    break
+                self.engine.backward("fake_score", loss)
+                stats_fake = self.engine.step("fake_score") or stats_fake
+                fake_total += loss.item() / accum
+            if skipped:
                 break
-            self.engine.backward("fake_score", loss)
-            stats_fake = self.engine.step("fake_score") or stats_fake
-            fake_total += loss.item() / accum
         if self.generator_active(step):
             gen_total = 0.0
             for _ in range(accum):
@@ -213,7 +218,7 @@ class SiDTrainer:
             else:
                 self.engine.ema_update()
         self.step += 1
-        self.images_seen += 2 * accum * self.config.train.batch_size * self.engine.world_size
+        self.images_seen += (self.config.train.fake_updates + 1) * accum * self.config.train.batch_size * self.engine.world_size
         distance = sum(self._teacher_fake_mse) / len(self._teacher_fake_mse) if self._teacher_fake_mse else None
         return StepStats(self.step, steps_run, fake_total, gen_total, stats_fake.get("grad_norm"), stats_gen.get("grad_norm"),
                          distance, ",".join(skipped) or None)
