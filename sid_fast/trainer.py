@@ -178,7 +178,8 @@ class SiDTrainer:
         self.guard.watch(velocity_teacher, "teacher", "guided velocity (κ4)")
         self.guard.watch(velocity_fake, "fake_score", "guided velocity (κ2)")
         with torch.no_grad():
-            self._teacher_fake_mse.append(float((velocity_teacher.float() - velocity_fake.float()).square().mean()))
+            # kept on the device: read once at the end of the step, not between forward and backward
+            self._teacher_fake_mse.append((velocity_teacher.float() - velocity_fake.float()).square().mean())
 
     def generator_active(self, step: int) -> bool:
         """Whether iteration `step` updates the generator (after train.fake_warmup_iters)."""
@@ -219,7 +220,7 @@ class SiDTrainer:
                 self.engine.ema_update()
         self.step += 1
         self.images_seen += (self.config.train.fake_updates + 1) * accum * self.config.train.batch_size * self.engine.world_size
-        distance = sum(self._teacher_fake_mse) / len(self._teacher_fake_mse) if self._teacher_fake_mse else None
+        distance = sum(float(v) for v in self._teacher_fake_mse) / len(self._teacher_fake_mse) if self._teacher_fake_mse else None
         return StepStats(self.step, steps_run, fake_total, gen_total, stats_fake.get("grad_norm"), stats_gen.get("grad_norm"),
                          distance, ",".join(skipped) or None)
 

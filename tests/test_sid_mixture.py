@@ -5,15 +5,12 @@ the teacher's own 4-step Euler sampler. The settings are the demo preset (sid_fa
 import pytest
 import torch
 
-from sid_fast.api import init_student
 from sid_fast.config import TeacherConfig, load_config
-from sid_fast.demo.mixture import PRESET
-from sid_fast.engine import LocalEngine
-from sid_fast.eval.distances import energy_distance
+from sid_fast.demo.mixture import PRESET, distill_generator
+from sid_fast.eval.distances import energy_noise_floor
 from sid_fast.eval.mixture import score_samples
 from sid_fast.models.registry import build_teacher
 from sid_fast.sampler import euler_sample, few_step_sample
-from sid_fast.trainer import SiDTrainer
 
 N = 4000
 
@@ -23,16 +20,14 @@ def ring():
     bundle = build_teacher(TeacherConfig(kind="mixture", preset="ring8"))
     mixture = bundle.reference
     rng = torch.Generator().manual_seed(100)
-    floor = sum(energy_distance(mixture.sample(N, generator=rng), mixture.sample(N, generator=rng)) for _ in range(5)) / 5
+    floor = energy_noise_floor(lambda n: mixture.sample(n, generator=rng), N, repeats=5)
     return bundle, floor
 
 
 def distill(bundle, tmp_path, overrides):
     config = load_config(PRESET, [f"train.out_dir={tmp_path}", "train.progress=false"] + overrides)
-    fake, generator = init_student(bundle.teacher, bundle.student)
-    engine = LocalEngine(bundle.teacher, fake, generator, config.optim, ema_decay=config.train.ema_decay)
-    SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape).fit()
-    return config, engine.sampling_generator(ema=True)
+    trainer = distill_generator(config, bundle)
+    return config, trainer.engine.sampling_generator(ema=True)
 
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["1-step", "4-step"])

@@ -2,7 +2,7 @@
 how close they come to the true distribution, next to the teacher's own Euler sampler.
 
 Everything runs through the same code path as real distillations: config preset -> teacher bundle ->
-LocalEngine -> SiDTrainer -> checkpoints and logs, then evaluation.
+engine (build_engine) -> SiDTrainer -> checkpoints and logs, then evaluation.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from sid_fast.api import init_student
 from sid_fast.config import SiDConfig, dump_yaml, load_config
-from sid_fast.engine import LocalEngine
-from sid_fast.eval.distances import energy_distance
+from sid_fast.engine.build import build_engine
+from sid_fast.eval.distances import energy_noise_floor
 from sid_fast.eval.mixture import score_samples
 from sid_fast.eval.plots import scatter_panels
 from sid_fast.models.registry import build_teacher
@@ -27,10 +26,7 @@ PRESET = Path(__file__).resolve().parent.parent / "presets" / "mixture_ring8.yam
 
 
 def distill_generator(config: SiDConfig, bundle) -> SiDTrainer:
-    fake_score, generator = init_student(bundle.teacher, bundle.student)
-    engine = LocalEngine(bundle.teacher, fake_score, generator, config.optim, grad_accum=config.train.grad_accum,
-                         ema_decay=config.train.ema_decay, device=config.train.device)
-    trainer = SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
+    trainer = SiDTrainer(config, build_engine(config, bundle), bundle.conditions, bundle.sample_shape)
     trainer.fit()
     return trainer
 
@@ -46,8 +42,7 @@ def run(out_dir: str | Path, overrides: list[str] | None = None, num_samples: in
     cond = bundle.conditions.unconditional(num_samples)
     z = torch.randn(num_samples, *bundle.sample_shape, generator=torch.Generator().manual_seed(seed + 1))
     floor_rng = torch.Generator().manual_seed(seed + 2)
-    floor = sum(energy_distance(mixture.sample(num_samples, generator=floor_rng),
-                                mixture.sample(num_samples, generator=floor_rng)) for _ in range(5)) / 5
+    floor = energy_noise_floor(lambda n: mixture.sample(n, generator=floor_rng), num_samples, repeats=5)
 
     rows: dict[str, dict] = {}
     samples: dict[str, torch.Tensor] = {"true data": mixture.sample(num_samples, generator=torch.Generator().manual_seed(seed + 3))}

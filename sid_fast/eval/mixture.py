@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sid_fast.eval.distances import energy_distance, mode_weights
+from sid_fast.eval.distances import energy_distance, energy_noise_floor, mode_weights
 
 
 @dataclass
@@ -36,8 +36,7 @@ def score_samples(samples: torch.Tensor, mixture, labels: torch.Tensor | None = 
     rng = torch.Generator().manual_seed(seed)
     truth = mixture.sample(n, labels, generator=rng)
     if floor is None:
-        floor = sum(energy_distance(mixture.sample(n, labels, generator=rng), mixture.sample(n, labels, generator=rng))
-                    for _ in range(3)) / 3
+        floor = energy_noise_floor(lambda k: mixture.sample(k, labels, generator=rng), n, repeats=3)
     energy = energy_distance(samples, truth)
     weights = mode_weights(samples, mixture.means)
     true_weights = mixture.component_weights(labels, n).mean(0)
