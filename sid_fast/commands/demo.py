@@ -4,13 +4,31 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (report.md, samples.png, runs)")
-    parser.add_argument("--samples", type=int, default=4000, help="samples per evaluated sampler")
+    parser.add_argument("--world", choices=("shapes", "mixture"), default="mixture",
+                        help="mixture: SiD on the exact 8-mode ring teacher of DESIGN.md §9 (default until the "
+                             "ShapesWorld teacher ships); shapes: distil the shipped ShapesWorld text-to-image teacher")
+    parser.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-shapes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything")
+    parser.add_argument("--full", action="store_true",
+                        help="shapes: train the fresh run for 4x the demo preset's iterations")
+    parser.add_argument("--prompts", type=int, default=200, help="shapes: held-out one-object prompts scored per sampler")
+    parser.add_argument("--two-object-prompts", type=int, default=100,
+                        help="shapes: held-out two-object prompts scored per sampler (0: skip)")
+    parser.add_argument("--captions", type=int, default=0,
+                        help="shapes: use only this many training captions for the prompt shards (0: all)")
+    parser.add_argument("--samples", type=int, default=4000, help="mixture: samples per evaluated sampler")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    from sid_fast.demo import mixture
+    if args.world == "mixture":
+        from sid_fast.demo import mixture
 
-    mixture.run(args.out, args.overrides, num_samples=args.samples, seed=args.seed)
+        mixture.run(args.out or "runs/demo", args.overrides, num_samples=args.samples, seed=args.seed)
+        return 0
+    from sid_fast.demo import shapes
+
+    shapes.run(args.out or "runs/demo-shapes", args.overrides, seed=args.seed, prompts=args.prompts,
+               two_object_prompts=args.two_object_prompts, full=args.full, progress=not args.no_progress,
+               captions=args.captions)
     return 0
