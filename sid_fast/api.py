@@ -57,13 +57,23 @@ def init_student(teacher: nn.Module, student: nn.Module | None) -> tuple[nn.Modu
 
 
 def distill(teacher: nn.Module, conditions, sample_shape: tuple[int, ...], config: SiDConfig | None = None, *,
-            student: nn.Module | None = None, engine=None) -> Distilled:
-    """Run SiD distillation with `config` (default SiDConfig()) and return the trained generator."""
+            student: nn.Module | None = None, engine=None, evaluator=None, reference=None) -> Distilled:
+    """Run SiD distillation with `config` (default SiDConfig()) and return the trained generator.
+
+    With `eval.every_images > 0` an in-loop evaluator is built from the config (`sid_fast.eval.build`) unless
+    `evaluator` is given; `reference`: ground truth with `sample(n, labels, generator)` for `fd` without
+    `eval.reference` (default: the exact mixture of a `MixtureTeacher`)."""
     config = config or SiDConfig()
     if engine is None:
         fake_score, generator = init_student(teacher, student)
         engine = LocalEngine(teacher, fake_score, generator, config.optim, grad_accum=config.train.grad_accum,
                              ema_decay=config.train.ema_decay, device=config.train.device)
     trainer = SiDTrainer(config, engine, conditions, sample_shape)
+    if evaluator is None and config.eval.every_images > 0:
+        from sid_fast.eval.build import build_evaluator
+
+        evaluator = build_evaluator(config, conditions, sample_shape, device=engine.device,
+                                    reference=reference if reference is not None else getattr(teacher, "mixture", None))
+    trainer.evaluator = evaluator
     history = trainer.fit()
     return Distilled(engine.sampling_generator(ema=True), config, tuple(sample_shape), history, trainer)

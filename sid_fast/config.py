@@ -334,7 +334,7 @@ class EvalConfig:
     grid: int = 16
     """Samples shown in the PNG grid (rank 0's first ones)."""
     metric: str = "fd"
-    """Metric that picks the best checkpoints: fd (Fréchet distance on the samples), fid, clip."""
+    """Metric that picks the best checkpoints: fd (Fréchet distance on pooled samples), fid, clip or shapes (checker)."""
     keep_best: int = 2
     """Best-by-metric generator checkpoints kept under out_dir/best (never fewer than 1)."""
     inception_weights: str | None = None
@@ -342,15 +342,23 @@ class EvalConfig:
     clip_model: str | None = None
     """Local CLIP model directory (transformers format) for the CLIP score."""
     reference: str | None = None
-    """safetensors with reference `features` (N, F) or `mu`/`sigma` for the Fréchet metrics."""
+    """safetensors with reference `features` (N, F) or `mu`/`sigma` for the Fréchet metrics (fd, fid)."""
+    shapes_features: str | None = None
+    """ShapesWorld feature-net weights for the `shapes` metric's Fréchet distance (None: the shipped file if present)."""
 
     def __post_init__(self) -> None:
         _check(self.every_images >= 0, "eval.every_images", "must be >= 0")
         _check(self.num_samples >= 2, "eval.num_samples", "must be >= 2")
         _check(self.grid >= 0, "eval.grid", "must be >= 0")
-        _check(self.metric in ("fd", "fid", "clip"), "eval.metric", f"must be fd, fid or clip, got {self.metric!r}")
+        _check(self.metric in ("fd", "fid", "clip", "shapes"), "eval.metric",
+               f"must be fd, fid, clip or shapes, got {self.metric!r}")
         _check(self.keep_best >= 1, "eval.keep_best", "must be >= 1 (the only checkpoint is never deleted)")
-        for name in ("inception_weights", "clip_model", "reference"):
+        if self.every_images > 0:  # the files a metric cannot run without, named before any work is done
+            needs = {"fid": ("inception_weights", "reference"), "clip": ("clip_model",)}.get(self.metric, ())
+            for name in needs:
+                _check(getattr(self, name) is not None, f"eval.{name}",
+                       f"eval.metric={self.metric} needs it (a local file; nothing is downloaded; see docs/evaluation.md)")
+        for name in ("inception_weights", "clip_model", "reference", "shapes_features"):
             value = getattr(self, name)
             if value is not None:
                 _check(Path(value).exists(), f"eval.{name}", f"{value!r} does not exist")

@@ -25,15 +25,18 @@ class EmbeddingConditions:
 
     bank: a Conditioning of batch N (e.g. embeds (N, L, D), pooled (N, P), mask (N, L)).
     uncond: the encoded empty prompt, batch 1 (expanded to any batch size).
+    prompts: the N prompt texts in bank order, when known (in-loop CLIP / ShapesWorld evaluation reads them).
     Draws come from the trainer's generator, which the checkpoint saves, so the source itself holds no state.
     """
 
-    def __init__(self, bank: Conditioning, uncond: Conditioning):
+    def __init__(self, bank: Conditioning, uncond: Conditioning, prompts: list[str] | None = None):
         if len(uncond) != 1:
             raise ValueError(f"the unconditional embedding must have batch 1, got {len(uncond)}")
         if sorted(bank.tensors()) != sorted(uncond.tensors()):
             raise ValueError(f"bank fields {sorted(bank.tensors())} differ from unconditional fields {sorted(uncond.tensors())}")
-        self.bank, self.uncond = bank, uncond
+        if prompts is not None and len(prompts) != len(bank):
+            raise ValueError(f"{len(prompts)} prompt texts for a bank of {len(bank)} encoded prompts")
+        self.bank, self.uncond, self.prompts = bank, uncond, prompts
 
     def __len__(self) -> int:
         return len(self.bank)

@@ -1,8 +1,8 @@
 """From a config to an engine and a trainer: the one entry point `sid-fast distill` and the launchers share.
 
 `build_engine(config, bundle)` picks the engine from `config.engine.kind` (local | deepspeed);
-`run_training(config)` builds the teacher bundle, the engine and the SiD trainer, trains, and writes the
-consolidated generator (rank 0) as `<out_dir>/generator.safetensors`.
+`run_training(config)` builds the teacher bundle, the engine, the SiD trainer and (eval.every_images > 0) its
+in-loop evaluator, trains, and writes the consolidated generator (rank 0) as `<out_dir>/generator.safetensors`.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ def run_training(config: SiDConfig, bundle=None) -> Path:
     else:
         engine = build_engine(config, bundle)
         trainer = SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
+    if config.eval.every_images > 0:  # in-loop evaluation: fixed prompts, eval.metric, best checkpoints
+        from sid_fast.eval.build import build_evaluator
+
+        trainer.evaluator = build_evaluator(config, bundle.conditions, bundle.sample_shape, reference=bundle.reference,
+                                            device=engine.device)
     out = Path(config.train.out_dir)
     if engine.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -89,16 +89,28 @@ def image_grid(images_bhwc, columns: int = 8):
 class InLoopEvaluator:
     """Samples `prompts` (a fixed Conditioning of eval.num_samples) with fixed seeds and scores them.
 
-    metric: has `update(samples)` (or `update(images, prompts)` for CLIP, with `prompt_texts`) and `compute()`,
-    computed over all ranks; decode: latents -> images in [-1, 1] (None: the samples themselves).
+    metric: has `update(samples)` (or `update(images, prompts)` when its `uses_prompts` is true: CLIP, ShapesWorld,
+    given `prompt_texts`) and `compute()`, computed over all ranks; after `compute` an optional `details` dict is
+    logged as `eval_<metric>_<key>`. Best checkpoints follow the metric's `higher_is_better` (else
+    `HIGHER_IS_BETTER[eval.metric]`). decode: latents -> images in [-1, 1] (None: the samples themselves).
+    `sid_fast.eval.build.build_evaluator` makes one from the config.
     """
 
     def __init__(self, config, prompts: Conditioning, metric, decode=None, prompt_texts: list[str] | None = None):
+        from sid_fast.eval.metrics import HIGHER_IS_BETTER
+
         ev = config.eval
         if len(prompts) != ev.num_samples:
             raise ValueError(f"config field eval.num_samples: {ev.num_samples}, but the prompt set has {len(prompts)}")
+        if prompt_texts is not None and len(prompt_texts) != ev.num_samples:
+            raise ValueError(f"config field eval.num_samples: {ev.num_samples}, but {len(prompt_texts)} prompt texts")
+        self.uses_prompts = getattr(metric, "uses_prompts", prompt_texts is not None)
+        if self.uses_prompts and prompt_texts is None:
+            raise ValueError(f"config field eval.metric: {ev.metric} scores images against their prompt texts, "
+                             "and this prompt set has none")
         self.config, self.prompts, self.metric, self.decode, self.prompt_texts = config, prompts, metric, decode, prompt_texts
-        self.best = BestCheckpoints(Path(config.train.out_dir) / "best", ev.keep_best, higher_is_better=ev.metric == "clip")
+        higher = getattr(metric, "higher_is_better", HIGHER_IS_BETTER.get(ev.metric, False))
+        self.best = BestCheckpoints(Path(config.train.out_dir) / "best", ev.keep_best, higher_is_better=higher)
 
     def evaluate(self, trainer) -> dict:
         ev, method, engine = self.config.eval, self.config.method, trainer.engine
@@ -113,12 +125,13 @@ class InLoopEvaluator:
             samples = few_step_sample(engine.sampling_generator(ema=True), z, cond, method.num_steps,
                                       t_init=method.t_init, noise=method.noise, rng=rng)
             images = self.decode(samples) if self.decode is not None else samples
-        if self.prompt_texts is not None:
+        if self.uses_prompts:
             self.metric.update(images, self.prompt_texts[start:start + per_rank])
         else:
             self.metric.update(images)
         value = self.metric.compute()  # all ranks: the same reduced value
         record = {f"eval_{ev.metric}": value}
+        record.update({f"eval_{ev.metric}_{key}": item for key, item in (getattr(self.metric, "details", None) or {}).items()})
         if engine.rank == 0 and ev.grid:
             record["eval_grid"] = str(self._write_grid(images[: ev.grid], trainer))
         if self.best.would_keep(value):

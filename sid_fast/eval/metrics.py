@@ -1,9 +1,13 @@
-"""Metrics for real runs (DESIGN.md §8): Fréchet distance on features (FID with Inception-v3 pool features) and
-CLIP score, both distributed over ranks. Networks load from local files only; nothing is downloaded.
+"""Metrics for real runs (DESIGN.md §8): Fréchet distance on features (`fd` on the samples themselves, FID with
+Inception-v3 pool features), CLIP score and the ShapesWorld checker score, all distributed over ranks. Networks load
+from local files only; nothing is downloaded.
 
 Distribution: each rank accumulates sufficient statistics (count, Σf, Σ f fᵀ in float64 for Fréchet; Σ score and
-count for CLIP) over its own samples; `all_reduce` sums them over ranks, so the result equals one process seeing
-every sample.
+count for CLIP; correct and count for ShapesWorld) over its own samples; `all_reduce` sums them over ranks, so the
+result equals one process seeing every sample.
+
+Every metric has `higher_is_better` (the direction best-checkpoint retention uses) and `uses_prompts` (whether
+`update` takes the prompt texts: `update(images, prompts)` instead of `update(samples)`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+HIGHER_IS_BETTER = {"fd": False, "fid": False, "clip": True, "shapes": True}
+"""Direction of each `eval.metric`: Fréchet distances are better lower, CLIP and checker scores higher."""
+
+FD_GRID = 4
+"""Side of the average-pooling grid of `fd_features` for (C, H, W) samples."""
 
 
 def _all_reduce_sum(tensors: list[Tensor]) -> None:
@@ -124,11 +134,67 @@ def load_inception(weights: str | Path) -> nn.Module:
     return metric.inception.eval()
 
 
-class FrechetMetric:
-    """Distributed Fréchet distance of generated features against a reference (μ, Σ).
+def fd_features(samples: Tensor) -> Tensor:
+    """The features of the `fd` metric for any sample layout, in float64.
 
-    feature_fn: (B, ...) samples -> (B, F) features (Inception for FID; identity flatten for the toy `fd`).
+    Vectors (B, D) are their own features (the toy mixtures). Latents or images (B, C, H, W) are average-pooled per
+    channel onto a FD_GRID × FD_GRID grid (adaptive pooling) and flattened: C·16 features (SD3/FLUX latents 256,
+    SANA 512, ShapesWorld pixels 48). So `fd` compares channel means and covariances at a coarse layout: cheap, with
+    a covariance estimable from a few hundred samples, and blind to fine detail (use `fid` or `shapes` for that).
+    Reference files for `fd` must hold features made by this function (`write_reference`).
     """
+    x = samples.detach().float()
+    if x.ndim == 2:
+        return x.double()
+    if x.ndim == 4:
+        return nn.functional.adaptive_avg_pool2d(x, FD_GRID).flatten(1).double()
+    if x.ndim == 3:  # (B, L, D) token latents: mean over tokens
+        return x.mean(1).double()
+    raise ValueError(f"fd_features: samples must be (B, D), (B, L, D) or (B, C, H, W), got {tuple(x.shape)}")
+
+
+def write_reference(features: Tensor, path: str | Path) -> Path:
+    """Save (N, F) reference features as `mu` and `sigma` (float64) in a safetensors file for `eval.reference`."""
+    from safetensors.torch import save_file
+
+    stats = FeatureStats(features.shape[1])
+    stats.update(features)
+    mu, sigma = stats.mean_cov()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous()}, str(path))
+    return path
+
+
+def to_uint8_tensor(images: Tensor) -> Tensor:
+    """(B, C, H, W) float in [-1, 1] (or already uint8) -> (B, 3, H, W) uint8; C = 1 repeated, C > 3 keeps 3."""
+    if images.dtype != torch.uint8:
+        images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images[:, :3]
+
+
+class InceptionFeatures(nn.Module):
+    """Images in [-1, 1] (B, 3, H, W) -> Inception pool features (B, 2048): quantised to uint8 as a saved image
+    would be, then the network of `load_inception` (which resizes to 299 itself)."""
+
+    def __init__(self, inception: nn.Module):
+        super().__init__()
+        self.inception = inception
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.inception(to_uint8_tensor(images))
+
+
+class FrechetMetric:
+    """Distributed Fréchet distance of generated features against a reference (μ, Σ) (lower is better).
+
+    feature_fn: (B, ...) samples -> (B, F) features (`InceptionFeatures` for FID; `fd_features` for `fd`).
+    """
+
+    higher_is_better = False
+    uses_prompts = False
 
     def __init__(self, feature_fn, reference: tuple[Tensor, Tensor]):
         self.feature_fn, self.reference = feature_fn, reference
@@ -149,8 +215,20 @@ class FrechetMetric:
         return value
 
 
+def _embedding(output) -> Tensor:
+    """CLIPModel.get_*_features: a tensor (transformers 4) or an output whose pooler_output is the projection (5)."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
 class ClipScore:
-    """CLIP score 100·max(cos(image, text), 0), averaged over samples of all ranks; a local transformers CLIP directory."""
+    """CLIP score 100·max(cos(image, text), 0) per sample, averaged over the samples of all ranks (higher is better).
+
+    The convention of Hessel et al. 2021 (CLIPScore = w·max(cos, 0), clamped per sample) with torchmetrics' w = 100
+    instead of the paper's 2.5. `model_dir`: a local transformers CLIP directory (CLIPModel + CLIPProcessor files).
+    """
+
+    higher_is_better = True
+    uses_prompts = True
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
@@ -165,14 +243,22 @@ class ClipScore:
         self.count = torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
+    def scores(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Per-sample 100·max(cos, 0), (B,) float; images: (B, 3, H, W) uint8 or float in [-1, 1]; prompts: B strings."""
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"ClipScore: {images.shape[0]} images but {len(prompts)} prompts")
+        pixels = to_uint8_tensor(images).cpu().numpy().transpose(0, 2, 3, 1)
+        inputs = self.processor(text=list(prompts), images=list(pixels), return_tensors="pt", padding=True,
+                                truncation=True).to(self.device)
+        image = _embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        text = _embedding(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs["attention_mask"]))
+        cosine = (nn.functional.normalize(image, dim=-1) * nn.functional.normalize(text, dim=-1)).sum(-1)
+        return 100 * cosine.clamp_min(0)
+
     def update(self, images: Tensor, prompts: list[str]) -> None:
-        """images: (B, 3, H, W) uint8; prompts: B strings."""
-        inputs = self.processor(text=prompts, images=list(images.cpu().numpy().transpose(0, 2, 3, 1)), return_tensors="pt",
-                                padding=True, truncation=True).to(self.device)
-        image = nn.functional.normalize(self.model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-        text = nn.functional.normalize(self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                                    attention_mask=inputs["attention_mask"]), dim=-1)
-        scores = 100 * (image * text).sum(-1).clamp_min(0)
+        """Accumulate the scores of images (B, 3, H, W) (uint8, or float in [-1, 1]) for their B prompts."""
+        scores = self.scores(images, prompts)
         self.total += scores.double().sum().cpu()
         self.count += scores.shape[0]
 
@@ -182,6 +268,58 @@ class ClipScore:
         self.total.zero_()
         self.count.zero_()
         return float(total / count)
+
+
+class ShapesScore:
+    """ShapesWorld: the exact checker's fraction of correct images for their captions (higher is better), summed
+    over ranks; with a feature net also the Fréchet distance of its features against rendered truth
+    (`details["fd"]`). `details` also holds the 95% Wilson interval of the score (`ci_low`, `ci_high`).
+
+    truth: (μ, Σ) of the feature net's features on rendered ground truth of the same prompts (with `feature_net`).
+    """
+
+    higher_is_better = True
+    uses_prompts = True
+
+    def __init__(self, feature_net: nn.Module | None = None, truth: tuple[Tensor, Tensor] | None = None):
+        if (feature_net is None) != (truth is None):
+            raise ValueError("ShapesScore: give both feature_net and truth, or neither")
+        self.feature_net, self.truth = feature_net, truth
+        self.correct = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.stats: FeatureStats | None = None
+        self.details: dict[str, float] = {}
+
+    def update(self, images: Tensor, prompts: list[str]) -> None:
+        """images: (B, 3, R, R) in [-1, 1] (clamped here); prompts: B captions of the ShapesWorld grammar."""
+        from sid_fast.shapes.checker import check_batch
+
+        images = images.detach().float().clamp(-1, 1).cpu()
+        self.correct += float(check_batch(images, list(prompts)).sum())
+        self.count += images.shape[0]
+        if self.feature_net is not None:
+            from sid_fast.shapes.features import features
+
+            values = features(self.feature_net, images)
+            if self.stats is None:
+                self.stats = FeatureStats(values.shape[1])
+            self.stats.update(values)
+
+    def compute(self) -> float:
+        from sid_fast.shapes.checker import wilson_interval
+
+        correct, count = self.correct.clone(), self.count.clone()
+        _all_reduce_sum([correct, count])
+        self.correct.zero_()
+        self.count.zero_()
+        low, high = wilson_interval(int(round(float(correct))), int(count))
+        self.details = {"ci_low": low, "ci_high": high}
+        if self.feature_net is not None:
+            if self.stats is None:
+                raise ValueError("ShapesScore.compute before any update")
+            self.details["fd"] = frechet_distance(*self.stats.all_reduce().mean_cov(), *self.truth)
+            self.stats = None
+        return float(correct / count)
 
 
 def to_uint8_images(samples: Tensor) -> np.ndarray:

@@ -76,7 +76,7 @@ def check_teacher_dir(path: str | Path, family: str) -> dict:
     got_in = config.get("in_channels")
     if got_in != expected_in:
         source = vae_file
-        layout = "(B, h/2·w/2, {})".format(expected_in) if family == "flux" else f"(B, {channels}, h, w)"
+        layout = f"(B, h/2·w/2, {expected_in})" if family == "flux" else f"(B, {channels}, h, w)"
         raise ValueError(f"{config_file}: in_channels={got_in} does not match {channels} latent channels of {source}; "
                          f"expected in_channels={expected_in} for latents of shape {layout}")
     return {"transformer": config, "vae": vae}
@@ -164,7 +164,7 @@ def build_diffusers_teacher(config) -> TeacherBundle:
     encoder.release()
     teacher = make_adapter(family, transformer, config)
     shape = latent_shape(family, configs["transformer"], configs["vae"], config.resolution, default_side)
-    return TeacherBundle(teacher, None, EmbeddingConditions(bank, uncond), shape)
+    return TeacherBundle(teacher, None, EmbeddingConditions(bank, uncond, prompts), shape)
 
 
 for _family in FAMILIES:

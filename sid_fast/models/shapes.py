@@ -125,7 +125,8 @@ def build_shapes_teacher(config) -> TeacherBundle:
         from sid_fast.encoders.minilm import MiniLMEncoder
 
         encoder = MiniLMEncoder(max_length=config.max_sequence_length or 20)
-        conditions = EmbeddingConditions(encoder.encode_all(read_prompts(config.prompts)), encoder.unconditional())
+        prompts = read_prompts(config.prompts)
+        conditions = EmbeddingConditions(encoder.encode_all(prompts), encoder.unconditional(), prompts)
         encoder.release()
     return TeacherBundle(SD3Adapter(transformer), None, conditions, (int(transformer.config.in_channels), side, side))
 

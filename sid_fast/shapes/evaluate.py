@@ -78,3 +78,17 @@ def generator_samples(generator, cond: Conditioning, num_steps: int = 4, seed: i
     images = [few_step_sample(generator, noise[i:i + batch_size], cond[i:i + batch_size], num_steps, rng=rng)
               for i in range(0, len(cond), batch_size)]
     return torch.cat(images).clamp(-1, 1)
+
+
+def rendered_truth(prompts: list[str | PromptSpec], count: int, seed: int = 0, resolution: int = 32) -> Tensor:
+    """`count` ground-truth images (count, 3, R, R) in [-1, 1]: image i renders prompt i mod len(prompts) (captions
+    are parsed) in its own random layout, drawn from one `random.Random(seed)`; the reference of the in-loop
+    `shapes` metric's Fréchet distance."""
+    from sid_fast.shapes.captions import parse_caption
+    from sid_fast.shapes.world import render_batch, sample_scene
+
+    if not prompts:
+        raise ValueError("rendered_truth: no prompts")
+    specs = [parse_caption(p) if isinstance(p, str) else p for p in prompts]
+    rng = random.Random(seed)
+    return render_batch([sample_scene(specs[i % len(specs)], rng, resolution) for i in range(count)])
