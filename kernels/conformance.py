@@ -13,10 +13,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sid_fast.kernels.registry import bind, call, get_op, ineligible_reason
+from sid_fast.kernels.registry import bind, call, get_op, ineligible_reason, per_sample_loss_like
 
 # shapes include a prime per-sample size (13), non-powers of two, FLUX-like packed tokens and several blocks
 STANDARD_SHAPES: tuple[tuple[int, ...], ...] = ((3, 13), (2, 3, 5, 7), (2, 6, 64), (2, 4, 23, 29))
+# the DiT block ops, small for the interpreter: a prime hidden size (13), non-powers of two (24, 48, 26 = 2 x 13
+# rotary pairs), FLUX-like head dims. adaLN/gated residual: (B, N, D); RMSNorm: (..., D); rotary: (B, S, H, D)
+OP_SHAPES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "adaln_modulation": ((2, 5, 13), (2, 7, 48), (3, 4, 64)),
+    "gated_residual": ((2, 5, 13), (2, 7, 48), (3, 4, 64)),
+    "rms_norm": ((2, 3, 2, 13), (2, 5, 24), (3, 7, 64)),
+    "weighted_rms_norm": ((2, 3, 2, 13), (2, 5, 24), (3, 7, 64)),
+    "rotary_qk": ((2, 5, 2, 8), (2, 7, 3, 24), (1, 11, 2, 26)),
+}
+
+
+def op_shapes(op: str) -> tuple[tuple[int, ...], ...]:
+    """The standard conformance shapes of op `op`."""
+    return OP_SHAPES.get(op, STANDARD_SHAPES)
 STANDARD_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 ATOL_REL = 2e-5
 
@@ -38,11 +52,12 @@ class CaseResult:
 
 
 def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> list:
-    """Random arguments of op `op` in argument order: latents (B, ...) in `dtype`, per-sample tensors fp32."""
+    """Random arguments of op `op` in argument order: latents (B, ...) in `dtype`, per-sample tensors fp32
+    (the block ops: activations and their per-sample scales and weights in `dtype`, rotary cos/sin fp32)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def latent() -> Tensor:
-        return torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
+    def latent(size=shape) -> Tensor:
+        return torch.randn(size, generator=gen).to(dtype=dtype, device=device)
 
     batch = shape[0]
     if op == "cfg_sid_generator_loss":
@@ -52,6 +67,19 @@ def make_inputs(op: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int =
         return bind(op, latent(), t, latent(), latent(), latent(), latent(), latent(), 4.5, 2.5, weight, 1.2, 100.0)
     if op == "cfg_fake_score_loss":
         return bind(op, latent(), latent(), 3.5, latent(), latent())
+    per_sample = (shape[0], shape[-1])
+    if op == "adaln_modulation":  # x (B, N, D) with an offset (the mean matters), scale, shift (B, D), eps
+        x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype=dtype, device=device)
+        return bind(op, x, latent(per_sample), latent(per_sample), 1e-6)
+    if op == "gated_residual":
+        return bind(op, latent(), latent(per_sample), latent())
+    if op == "rms_norm":
+        return bind(op, latent(), 1e-6)
+    if op == "weighted_rms_norm":
+        return bind(op, latent(), latent(shape[-1:]), 1e-6)
+    if op == "rotary_qk":  # angles drawn per (S, D) element, not per pair, so that a swapped index shows
+        angles = torch.rand(shape[1], shape[3], generator=gen) * 6.3
+        return bind(op, latent(), latent(), angles.cos().to(device), angles.sin().to(device))
     raise ValueError(f"no conformance inputs defined for op {op!r}")
 
 
@@ -60,7 +88,7 @@ def _run(op: str, backend: str, args: list, grad_out: Tensor) -> tuple[Tensor, l
     args = [a.detach().clone().requires_grad_(True) if isinstance(a, Tensor) else a for a in args]
     out = call(op, *args, backend=backend) if backend != "gold" else spec.reference(*args)
     leaves = [a for a in args if isinstance(a, Tensor)]
-    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
     return out.detach(), list(grads)
 
 
@@ -80,14 +108,16 @@ def check_case(op: str, backend: str, shape: tuple[int, ...], dtype: torch.dtype
     reason = ineligible_reason(op, backend, args)
     if reason is not None:
         return [CaseResult(op, backend, shape, name_dtype, "*", 0.0, 0.0, 0.0, "skip", reason)]
-    grad_out = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed + 1)).to(device)
     gold_args = [a.float() if isinstance(a, Tensor) else a for a in args]
+    gold_out = get_op(op).reference(*gold_args)
+    grad_out = torch.randn(gold_out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     gold_out, gold_grads = _run(op, "gold", gold_args, grad_out)
     torch_out, torch_grads = _run(op, "torch", args, grad_out)
     kernel_out, kernel_grads = _run(op, backend, args, grad_out)
     tensor_names = [n for n in get_op(op).signature.parameters if n in get_op(op).tensor_args]
     results = []
-    quantities = [("loss", kernel_out, torch_out, gold_out)] + [
+    output = "loss" if get_op(op).fake is per_sample_loss_like else "out"
+    quantities = [(output, kernel_out, torch_out, gold_out)] + [
         (f"d/d{n}", k, r, g) for n, k, r, g in zip(tensor_names, kernel_grads, torch_grads, gold_grads)]
     for quantity, kernel_value, torch_value, gold in quantities:
         kernel_error, torch_error = _max_error(kernel_value, gold), _max_error(torch_value, gold)
@@ -102,11 +132,11 @@ def check_case(op: str, backend: str, shape: tuple[int, ...], dtype: torch.dtype
     return results
 
 
-def check_backend(op: str, backend: str, shapes=STANDARD_SHAPES, dtypes=STANDARD_DTYPES,
+def check_backend(op: str, backend: str, shapes=None, dtypes=STANDARD_DTYPES,
                   device: str = "cpu") -> list[CaseResult]:
-    """All cases of `backend` for op `op`."""
+    """All cases of `backend` for op `op` (shapes: default the op's standard shapes)."""
     results = []
-    for shape in shapes:
+    for shape in shapes if shapes is not None else op_shapes(op):
         for dtype in dtypes:
             results += check_case(op, backend, tuple(shape), dtype, device)
     return results

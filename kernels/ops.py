@@ -16,6 +16,7 @@ from sid_fast.kernels.registry import call, register_kernel, register_op
 
 register_op("cfg_sid_generator_loss", losses.cfg_sid_generator_loss)
 register_op("cfg_fake_score_loss", losses.cfg_fake_score_loss)
+LOSS_OPS = ("cfg_sid_generator_loss", "cfg_fake_score_loss")
 
 
 def _lazy(module: str, attribute: str):
@@ -114,9 +115,9 @@ def guided_velocity_split(model, x_t: Tensor, t: Tensor, cond, uncond, scale: fl
 
 def check_loss_backend(backend: str) -> None:
     """Raise a ValueError naming `kernels.loss_backend` when no op knows `backend`."""
-    from sid_fast.kernels.registry import backends, ops
+    from sid_fast.kernels.registry import backends
 
-    for name in ops():
+    for name in LOSS_OPS:
         if backend not in backends(name):
             raise ValueError(f"config field kernels.loss_backend: op {name} has no backend {backend!r}; "
                              f"registered: {backends(name)}")

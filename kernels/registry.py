@@ -52,6 +52,7 @@ class OpSpec:
     float_args: tuple[str, ...]
     implementations: dict[str, Implementation] = field(default_factory=dict)
     signature: inspect.Signature | None = None
+    fake: Callable | None = None
     custom_op: object | None = None
     backward_op: object | None = None
 
@@ -77,8 +78,17 @@ def backends(name: str) -> list[str]:
     return [REFERENCE, *sorted(get_op(name).implementations)]
 
 
-def register_op(name: str, reference: Callable) -> OpSpec:
-    """Declare op `name` with its PyTorch reference; tensor vs float arguments come from the annotations."""
+def per_sample_loss_like(*args) -> Tensor:
+    """Fake (meta) output of the loss ops: a per-sample (B,) fp32 vector on the first tensor's device."""
+    return torch.empty(args[0].shape[0], dtype=torch.float32, device=args[0].device)
+
+
+def register_op(name: str, reference: Callable, fake: Callable = per_sample_loss_like) -> OpSpec:
+    """Declare op `name` with its PyTorch reference; tensor vs float arguments come from the annotations.
+
+    `fake(*args)` returns an empty tensor with the output's shape, dtype and device (the custom op's meta
+    implementation, used by torch.compile); the default is the loss ops' per-sample (B,) fp32 vector.
+    """
     signature = inspect.signature(reference)
     tensor_args, float_args, order = [], [], []
     for param in signature.parameters.values():
@@ -91,7 +101,7 @@ def register_op(name: str, reference: Callable) -> OpSpec:
             order.append(f"float {param.name}")
         else:
             raise TypeError(f"op {name}: argument {param.name!r} must be annotated Tensor or float, got {annotation}")
-    spec = OpSpec(name, reference, tuple(tensor_args), tuple(float_args), signature=signature)
+    spec = OpSpec(name, reference, tuple(tensor_args), tuple(float_args), signature=signature, fake=fake)
     _define_custom_op(spec, ", ".join(order))
     _OPS[name] = spec
     return spec
@@ -195,7 +205,7 @@ def _define_custom_op(spec: OpSpec, arg_schema: str) -> None:
 
     def fake_forward(*args):
         *values, _backend = args
-        return torch.empty(values[0].shape[0], dtype=torch.float32, device=values[0].device)
+        return get_op(name).fake(*values)
 
     def backward_impl(*args):
         grad, *values, backend = args

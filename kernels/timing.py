@@ -18,6 +18,16 @@ from torch import Tensor
 from sid_fast.kernels.conformance import make_inputs
 from sid_fast.kernels.registry import call, get_op, ineligible_reason
 
+BENCH_SHAPES: dict[str, tuple[int, ...]] = {
+    "adaln_modulation": (4, 256, 1152), "gated_residual": (4, 256, 1152), "rms_norm": (4, 256, 16, 64),
+    "weighted_rms_norm": (4, 256, 16, 64), "rotary_qk": (2, 256, 16, 64)}
+"""Default `sid-fast kernels bench` shape per block op (DiT-XL width 1152, head dim 64); the losses: 4x16x32x32."""
+
+
+def bench_shape(op: str) -> tuple[int, ...]:
+    return BENCH_SHAPES.get(op, (4, 16, 32, 32))
+
+
 @dataclass
 class Timing:
     """One measured (op, provider, mode, shape, dtype): milliseconds and GB/s of the median."""
@@ -37,11 +47,14 @@ class Timing:
     date: str
 
 
-def latent_bytes(op: str, args: list, mode: str) -> int:
-    """Analytic bytes moved: reads of every latent input, plus (fwd+bwd) re-reads and one gradient write each."""
+def latent_bytes(op: str, args: list, mode: str, out: Tensor | None = None) -> int:
+    """Analytic bytes moved: reads of every latent input (and the write of an output of that kind, e.g. the block
+    ops' activations; the losses' (B,) output is not counted), plus (fwd+bwd) re-reads, one gradient write per input
+    and the read of the output's gradient."""
     latents = [a for a in args if isinstance(a, Tensor) and a.ndim >= 2]
     one_pass = sum(a.numel() * a.element_size() for a in latents)
-    return one_pass if mode == "fwd" else 3 * one_pass
+    out_bytes = out.numel() * out.element_size() if out is not None and out.ndim >= 2 else 0
+    return one_pass + out_bytes if mode == "fwd" else 3 * one_pass + 2 * out_bytes
 
 
 def device_name(device: str) -> str:
@@ -91,7 +104,8 @@ def make_step(op: str, provider: str, args: list, mode: str):
         def run_op(*values):
             return call(op, *values, backend=provider)
 
-    grad_out = torch.ones(args[0].shape[0], device=args[0].device)
+    with torch.no_grad():
+        grad_out = torch.ones_like(spec.reference(*args))
     tensors = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
 
     def step():
@@ -123,11 +137,13 @@ def time_op(op: str, providers: list[str], shape: tuple[int, ...], dtype: torch.
     for _ in range(repeat):
         for key, step in steps.items():
             samples[key] += measure(step, device, repeat=1, warmup=0)
+    with torch.no_grad():
+        out = get_op(op).reference(*args)
     rows, sha, date = [], git_sha(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for (provider, mode), times in samples.items():
         median, p20, p80 = (torch.quantile(torch.tensor(times), q).item() for q in (0.5, 0.2, 0.8))
         rows.append(Timing(op, provider, mode, "x".join(map(str, shape)), str(dtype).replace("torch.", ""),
-                           median, p20, p80, latent_bytes(op, args, mode) / (median * 1e-3) / 1e9,
+                           median, p20, p80, latent_bytes(op, args, mode, out) / (median * 1e-3) / 1e9,
                            device_name(device), torch.__version__, sha, date))
     return rows
 

@@ -260,12 +260,16 @@ class KernelConfig:
     """Backend of the fused SiD loss ops (`sid_fast.kernels`): torch (the reference), triton, cpp or a registered one."""
     attention: str = "auto"
     """Attention of diffusers networks: auto (flash-attn 3/2, then xformers, on CUDA; else SDPA), native, flash, flash_3 or xformers."""
+    block_backend: str = "torch"
+    """DiT block kernels of diffusers networks (adaLN modulation, RMSNorm, FLUX rotary): torch (nothing installed) or triton."""
 
     def __post_init__(self) -> None:
         _check(bool(self.loss_backend) and self.loss_backend.isidentifier(), "kernels.loss_backend",
                f"must name a backend (torch, triton, cpp, ...), got {self.loss_backend!r}")
         _check(self.attention in ("auto", "native", "flash", "flash_3", "xformers"), "kernels.attention",
                f"unknown attention backend {self.attention!r}; expected auto, native, flash, flash_3 or xformers")
+        _check(bool(self.block_backend) and self.block_backend.isidentifier(), "kernels.block_backend",
+               f"must name a backend (torch, triton, ...), got {self.block_backend!r}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from sid_fast.health import CollapseMonitor, FlopCounter, LogSinks, NonFiniteErr
 from sid_fast.guidance import combine_cfg, guided_velocity
 from sid_fast.kernels import cfg_fake_score_loss, cfg_sid_generator_loss
 from sid_fast.kernels.attention import apply_attention_backend
+from sid_fast.kernels.blocks import apply_block_kernels
 from sid_fast.kernels.ops import check_loss_backend, guided_velocity_split
 from sid_fast.losses import fake_score_loss, loss_weight, sid_generator_loss
 from sid_fast.models.protocol import ConditionSource
@@ -75,6 +76,7 @@ class SiDTrainer:
         self._teacher_fake_mse: list[float] = []
         check_loss_backend(config.kernels.loss_backend)
         apply_attention_backend([engine.teacher, engine.fake_score, engine.generator], config.kernels.attention)
+        apply_block_kernels([engine.teacher, engine.fake_score, engine.generator], config.kernels.block_backend)
 
     # ------------------------------------------------------------------ random draws
 

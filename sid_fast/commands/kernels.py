@@ -3,6 +3,8 @@
     sid-fast kernels check mypkg.losses:my_loss --op cfg_sid_generator_loss   # a user's kernel vs the reference
     sid-fast kernels check --backend cpp --op cfg_fake_score_loss              # a built-in backend
     sid-fast kernels bench --op cfg_sid_generator_loss --shape 4,16,32,32      # time every backend + compile
+    sid-fast kernels check --backend triton --op rms_norm                      # a DiT block op (GPU, or
+                                                                               # TRITON_INTERPRET=1 on the CPU)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = sub.add_parser("check", help="compare a kernel's values and gradients with the op's reference")
     check.add_argument("function", nargs="?", help="MODULE:FUNCTION with the reference's signature (differentiable)")
-    check.add_argument("--op", required=True, help="op name, e.g. cfg_sid_generator_loss")
+    check.add_argument("--op", required=True, help="op name, e.g. cfg_sid_generator_loss or rotary_qk")
     check.add_argument("--backward", help="optional MODULE:FUNCTION (grad, *args) -> gradients of the tensor inputs")
     check.add_argument("--backend", help="check a registered backend instead of FUNCTION (triton, cpp, ...)")
     check.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated dtypes")
@@ -26,7 +28,9 @@ def add_arguments(parser) -> None:
     bench.add_argument("function", nargs="?", help="optional MODULE:FUNCTION to time as backend 'user'")
     bench.add_argument("--op", default=None, help="op name (default: all ops)")
     bench.add_argument("--backends", default=None, help="comma-separated providers (default: all + compile)")
-    bench.add_argument("--shape", default="4,16,32,32", help="latent shape B,C,H,W or B,N,D")
+    bench.add_argument("--shape", default=None,
+                       help="input shape: latents B,C,H,W or B,N,D; block ops B,N,D or B,S,H,D "
+                            "(default per op: 4,16,32,32 for the losses, kernels.timing.BENCH_SHAPES for block ops)")
     bench.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     bench.add_argument("--device", default="cpu", help="torch device")
     bench.add_argument("--repeat", type=int, default=10, help="timed repetitions per provider and mode")
@@ -81,9 +85,9 @@ def run(args) -> int:
         return 0 if conformance.passed(results) else 1
     import torch
 
-    shape = tuple(int(s) for s in args.shape.split(","))
     rows = []
     for name in ops:
+        shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else timing.bench_shape(name)
         providers = args.backends.split(",") if args.backends else [*kernels.backends(name), "compile"]
         rows += timing.time_op(name, providers, shape, getattr(torch, args.dtype), args.device, repeat=args.repeat)
     print(f"device: {timing.device_name(args.device)}, torch {torch.__version__}")
