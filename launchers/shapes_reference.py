@@ -1,0 +1,117 @@
+"""The reference SiD distillations of the shipped ShapesWorld teacher (issue 7, docs/shapes.md): one run per K in
+--steps with the preset sid_fast/presets/shapes_sid.yaml, each scored against the teacher's Euler samplers on the
+same held-out prompts, and shipped as float16 safetensors with its scores in the card.
+
+    python launchers/shapes_reference.py --steps 1 4 --out runs/shapes-reference          # add --ship to copy into assets
+    python launchers/shapes_reference.py --steps 1 --set train.iterations=2000 optim.lr_generator=3e-5
+
+Rerunning the same command resumes each run from its newest checkpoint (the trainer's own resume) and reuses the
+prompt shards. Progress goes to the terminal, each run's log.jsonl and out/reference.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+PRESET = Path(__file__).resolve().parents[1] / "sid_fast" / "presets" / "shapes_sid.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="generator step counts K to distil")
+    parser.add_argument("--out", default="runs/shapes-reference")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides section.field=value")
+    parser.add_argument("--prompts", type=int, default=400, help="held-out one-object prompts per score")
+    parser.add_argument("--two-object-prompts", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--ship", action="store_true", help="copy the generators into sid_fast/assets/shapes/")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from sid_fast.config import load_config
+    from sid_fast.demo import shapes as demo
+    from sid_fast.encoders.minilm import MiniLMEncoder
+    from sid_fast.engine.build import run_training
+    from sid_fast.models.sd3 import SD3Adapter
+    from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer
+    from sid_fast.shapes.evaluate import teacher_samples
+    from sid_fast.shapes.features import SHIPPED_FEATURES, load_feature_net
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {k: load_config(PRESET, [f"method.num_steps={k}", f"train.out_dir={out / f'sid-{k}step'}",
+                                       f"train.seed={args.seed}"] + [f"{s}" for s in args.set]) for k in args.steps}
+    teacher_path = Path(configs[args.steps[0]].teacher.path or SHIPPED_TEACHER)
+    encoder = MiniLMEncoder(max_length=20)
+    shards = demo.prepare_shards(out, encoder)
+    net = load_feature_net(SHIPPED_FEATURES) if SHIPPED_FEATURES.is_file() else None
+    sets = {1: demo.build_eval_set(1, args.prompts, encoder, net, args.seed)}
+    if args.two_object_prompts:
+        sets[2] = demo.build_eval_set(2, args.two_object_prompts, encoder, None, args.seed)
+    uncond = encoder.unconditional().to(dtype=torch.float32)
+    encoder.release()
+    chunks = max(2, min(5, args.prompts // 60))
+    teacher = SD3Adapter(load_shapes_transformer(teacher_path)).eval().requires_grad_(False)
+    log = out / "reference.jsonl"
+
+    def record(row, **extra) -> dict:
+        entry = {**row.as_dict(), **extra, "fd_chunks": chunks}
+        with open(log, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+        return entry
+
+    def timed(name, sampler):
+        start = time.perf_counter()
+        images = {objects: sampler(s.cond, objects) for objects, s in sets.items()}
+        return demo.score_images(name, images, sets, net, time.perf_counter() - start, chunks)
+
+    baseline = {}
+    for steps in (4, 28):
+        row = timed(f"teacher Euler {steps}-step", lambda cond, objects, steps=steps: teacher_samples(
+            teacher, cond, uncond, steps, 4.0, args.seed + objects, progress=True))
+        baseline[steps] = record(row)
+    for k, config in configs.items():
+        config = load_config(overrides=[f"data.shards={shards}"], base=config)
+        print(f"[reference] distilling a {k}-step generator: {config.train.iterations} iterations of batch "
+              f"{config.train.batch_size} into {config.train.out_dir}", flush=True)
+        start = time.perf_counter()
+        path = run_training(config)
+        seconds = time.perf_counter() - start
+        transformer = load_shapes_transformer(teacher_path)
+        state = {name.removeprefix("transformer."): value for name, value in _load(path).items()}
+        transformer.load_state_dict(state)
+        generator = SD3Adapter(transformer).eval().requires_grad_(False)
+        row = timed(f"SiD {k}-step", lambda cond, objects, k=k: demo._generator_images(generator, cond, k, args.seed + objects))
+        entry = record(row, iterations=config.train.iterations, run_seconds=round(seconds, 1))
+        card = {"made_by": "python launchers/shapes_reference.py " + " ".join(argv or sys.argv[1:]),
+                "teacher": str(teacher_path), "num_steps": k, "config": str(Path(config.train.out_dir) / "config.yaml"),
+                "scores": entry, "teacher_scores": baseline}
+        shipped = demo.save_generator(generator, Path(config.train.out_dir) / "generator-fp16.safetensors", card)
+        if args.ship:
+            target = demo.REFERENCE_GENERATORS[k] if k in demo.REFERENCE_GENERATORS else shipped
+            shutil.copyfile(shipped, target)
+            print(f"[reference] shipped {target}", flush=True)
+    return 0
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
