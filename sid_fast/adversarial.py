@@ -10,6 +10,7 @@ partitioned parameters around the same module call.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -119,9 +120,21 @@ def load_generator_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def init_generator_from(generator: nn.Module, path: str | Path) -> None:
-    """Copy a data-free generator's weights into `generator` (before the engine is built); names must match."""
+    """Copy a data-free generator's weights into `generator` (before the engine is built); names must match.
+
+    A bare transformer file, e.g. the shipped float16 ShapesWorld generators (`sid_fast.demo.shapes.save_generator`),
+    names its weights without the adapter's `transformer.` prefix; it is accepted when all names match with it.
+    Weights are cast to the generator's dtype."""
     state = load_generator_weights(path)
-    missing, unexpected = generator.load_state_dict(state, strict=False)
+    own = generator.state_dict()
+    if set(state) != set(own) and hasattr(generator, "transformer"):
+        prefixed = {f"transformer.{name}": value for name, value in state.items()}
+        if set(prefixed) == set(own):
+            state = prefixed
+    try:
+        missing, unexpected = generator.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # size mismatches: another architecture
+        raise ValueError(f"config field adversarial.init_generator: {path} does not fit the generator: {error}") from None
     if missing or unexpected:
         raise ValueError(f"config field adversarial.init_generator: {path} does not fit the generator "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -202,6 +215,19 @@ class DataAidedTrainer(SiDTrainer):
         if hasattr(self.real_data, "state_dict") and self.real_data is not self.conditions:
             state["real_data"] = self.real_data.state_dict()
         return state
+
+    def resume(self, directory: Path | None = None) -> bool:
+        """The SiD resume, then the real-data stream's own state (MixtureRealData, ShapesRealData), so a resumed
+        run draws the same real batches as an uninterrupted one."""
+        from sid_fast.checkpoint import latest_checkpoint
+
+        directory = directory or latest_checkpoint(self.ckpt_root)
+        if not super().resume(directory):
+            return False
+        state = json.loads((Path(directory) / "state.json").read_text())
+        if "real_data" in state and hasattr(self.real_data, "load_state_dict"):
+            self.real_data.load_state_dict(state["real_data"])
+        return True
 
 
 def build_data_aided_trainer(config, bundle, real_data, engine=None) -> DataAidedTrainer:

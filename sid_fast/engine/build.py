@@ -1,8 +1,10 @@
 """From a config to an engine and a trainer: the one entry point `sid-fast distill` and the launchers share.
 
 `build_engine(config, bundle)` picks the engine from `config.engine.kind` (local | deepspeed);
-`run_training(config)` builds the teacher bundle, the engine, the SiD trainer and (eval.every_images > 0) its
-in-loop evaluator, trains, and writes the consolidated generator (rank 0) as `<out_dir>/generator.safetensors`.
+`run_training(config)` builds the teacher bundle, the engine, the SiD trainer (SiD²ₐ with adversarial.enabled: real
+latents from image shards, the exact mixture's samples, or ShapesWorld scenes rendered for the prompt shards'
+captions) and (eval.every_images > 0) its in-loop evaluator, trains, and writes the consolidated generator (rank 0)
+as `<out_dir>/generator.safetensors`.
 """
 
 from __future__ import annotations
@@ -59,7 +61,12 @@ def run_training(config: SiDConfig, bundle=None) -> Path:
     if config.adversarial.enabled:  # SiD²ₐ (§5): real latents with their captions, fake score as discriminator
         from sid_fast.adversarial import MixtureRealData, build_data_aided_trainer
 
-        if config.data.shards is not None:
+        if config.teacher.kind == "shapes":  # pixel space, prompt shards: scenes rendered for their captions
+            from sid_fast.shapes.real import ShapesRealData
+
+            real_data = ShapesRealData.from_conditions(bundle.conditions, resolution=bundle.sample_shape[-1],
+                                                       seed=config.train.seed + 1)
+        elif config.data.shards is not None:
             real_data = bundle.conditions  # image shards: latents + captions (prepare images)
         elif bundle.reference is not None:
             real_data = MixtureRealData(bundle.reference, bundle.conditions, seed=config.train.seed + 1)

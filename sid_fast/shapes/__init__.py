@@ -4,6 +4,7 @@ world.py     scenes (shape, colour, size, position) and their anti-aliased rende
 captions.py  captions of a scene, the caption sets, the held-out split, and the caption parser
 checker.py   the exact attribute checker (segmentation + geometry) and Wilson intervals
 data.py      training data of the teacher (encoded captions + scenes rendered to match)
+real.py      real data of data-aided SiD²ₐ: scenes rendered for the prompt shards' captions
 pretrain.py  the teacher's flow-matching recipe behind `sid-fast pretrain`
 evaluate.py  held-out prompts, teacher sampling and scoring
 features.py  the feature network and the Fréchet distance in its feature space
