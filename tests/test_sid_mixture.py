@@ -58,12 +58,8 @@ def test_sid_covers_every_mode_with_the_right_weights_and_beats_4_step_euler(dis
 
 
 @pytest.mark.slow
-def test_sid_energy_distance_near_the_noise_floor(distilled, request):
+def test_sid_energy_distance_near_the_noise_floor(distilled):
     num_steps, _, ratio, _ = distilled
-    if num_steps == 1:
-        # Known gap, kept visible rather than loosened: in this budget (6000 iterations) the 1-step generator ends
-        # at about 3.3x the floor (std around each mode ~0.23 against 0.2); the 4-step one passes.
-        request.applymarker(pytest.mark.xfail(reason="1-step SiD reaches ~3.3x the noise floor in the test budget", strict=False))
     assert ratio <= 2.5, f"energy distance {ratio:.2f}x the noise floor"
 
 

@@ -51,9 +51,9 @@ def main() -> None:
         for draw in range(3):
             z = torch.randn(N, 2, generator=torch.Generator().manual_seed(7 + draw))
             with torch.no_grad():
-                samples = few_step_sample(generator, z, cond, 1, rng=torch.Generator().manual_seed(20 + draw))
+                samples = few_step_sample(generator, z, cond, config.method.num_steps, rng=torch.Generator().manual_seed(20 + draw))
             ratios.append(score_samples(samples, mixture, floor=floor, seed=11 + draw).ratio)
-        row = {"label": args.label, "overrides": args.set, "seed": seed, "ratio": sum(ratios) / 3,
+        row = {"label": args.label, "num_steps": config.method.num_steps, "overrides": args.set, "seed": seed, "ratio": sum(ratios) / 3,
                "draws": ratios, "train_seconds": round(seconds, 1)}
         print(json.dumps(row), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
