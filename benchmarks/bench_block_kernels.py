@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from sid_fast.kernels import timing
 
 # DiT-S-like width 384 (6 heads of 64) at 256 tokens (a 32x32 latent in 2x2 patches)

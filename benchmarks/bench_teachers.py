@@ -163,7 +163,7 @@ def lora_table() -> None:
                 trainable = sum(p.numel() for p in trainer.engine.fake_score.parameters() if p.requires_grad)
                 iteration = _median_seconds(trainer.train_step, 3)
                 memory = peak_memory(family, "medium", rank)
-                print(f"| {family} | medium | {'LoRA rank %d' % rank if rank else 'full copy'} | {trainable / 1e6:.3f}M | "
+                print(f"| {family} | medium | {f'LoRA rank {rank}' if rank else 'full copy'} | {trainable / 1e6:.3f}M | "
                       f"{fake_score_owned_mb(trainer):.1f} | {iteration:.3f} | {memory['peak_above_baseline_mb']:.0f} |",
                       flush=True)
 

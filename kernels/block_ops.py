@@ -15,9 +15,10 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from sid_fast.kernels.ops import _lazy
 from sid_fast.kernels.registry import call, register_kernel, register_op
-from torch import Tensor
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)

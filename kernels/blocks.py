@@ -19,8 +19,9 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sid_fast.kernels.registry import backends
 from torch import nn
+
+from sid_fast.kernels.registry import backends
 
 log = logging.getLogger("sid_fast.kernels")
 

@@ -32,7 +32,8 @@ def load(with_cuda: bool | None = None) -> None:
     """Build (once) and load the extension; raises with the compiler's message when it cannot be built."""
     if _STATE.get("loaded"):
         return
-    from torch.utils.cpp_extension import CUDA_HOME, load as load_extension
+    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import load as load_extension
 
     with_cuda = torch.cuda.is_available() and CUDA_HOME is not None if with_cuda is None else with_cuda
     sources = [str(source_dir() / s) for s in _SOURCES + (_CUDA_SOURCES if with_cuda else ())]

@@ -20,8 +20,9 @@ from diffusers.models.normalization import (
 )
 from diffusers.models.transformers.sana_transformer import SanaModulatedNorm
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
-from sid_fast.kernels.block_ops import adaln_modulation, rms_norm, rotary_qk
 from torch import Tensor, nn
+
+from sid_fast.kernels.block_ops import adaln_modulation, rms_norm, rotary_qk
 
 
 def _plain_layer_norm(norm: nn.Module) -> str | None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from sid_fast.kernels.block_ops import gated_residual_ref  # the specification
 from sid_fast.kernels.triton_common import num_warps, split_rows, store_buffer
-from torch import Tensor
 
 __all__ = ["gated_residual_ref", "forward", "backward"]
 

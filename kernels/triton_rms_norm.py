@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from sid_fast.kernels.block_ops import HALF_DTYPES, rms_norm_ref, weighted_rms_norm_ref  # the specification
 from sid_fast.kernels.triton_common import block_sum, num_warps, split_rows, store_buffer
-from torch import Tensor
 
 __all__ = ["rms_norm_ref", "weighted_rms_norm_ref", "forward", "backward", "weighted_forward", "weighted_backward"]
 

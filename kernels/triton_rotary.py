@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from sid_fast.kernels.block_ops import rotary_qk_ref  # the specification
 from sid_fast.kernels.triton_common import block_sum, num_warps, store_buffer
-from torch import Tensor
 
 __all__ = ["rotary_qk_ref", "forward", "backward"]
 

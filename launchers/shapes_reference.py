@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         state = {name.removeprefix("transformer."): value for name, value in _load(path).items()}
         transformer.load_state_dict(state)
         generator = SD3Adapter(transformer).eval().requires_grad_(False)
-        row = timed(f"SiD {k}-step", lambda cond, objects, k=k: demo._generator_images(generator, cond, k, args.seed + objects))
+        row = timed(f"SiD {k}-step", lambda cond, objects, k=k, g=generator: demo._generator_images(g, cond, k, args.seed + objects))
         entry = record(row, iterations=config.train.iterations, run_seconds=round(seconds, 1))
         card = {"made_by": "python launchers/shapes_reference.py " + " ".join(argv or sys.argv[1:]),
                 "teacher": str(teacher_path), "num_steps": k, "config": str(Path(config.train.out_dir) / "config.yaml"),

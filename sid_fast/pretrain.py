@@ -6,7 +6,7 @@ so the model also learns the unconditional velocity used by CFG.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

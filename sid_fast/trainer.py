@@ -16,8 +16,8 @@ from torch import Tensor
 from sid_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from sid_fast.config import SiDConfig, to_dict
 from sid_fast.flow import interpolate, sample_time, velocity_to_x0
-from sid_fast.health import CollapseMonitor, FlopCounter, LogSinks, NonFiniteError, NonFiniteGuard, memory_stats
 from sid_fast.guidance import combine_cfg, guided_velocity
+from sid_fast.health import CollapseMonitor, FlopCounter, LogSinks, NonFiniteError, NonFiniteGuard, memory_stats
 from sid_fast.kernels import cfg_fake_score_loss, cfg_sid_generator_loss
 from sid_fast.kernels.attention import apply_attention_backend
 from sid_fast.kernels.blocks import apply_block_kernels

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from sid_fast.adversarial import (MixtureRealData, build_data_aided_trainer, discriminator_logits,
-                                  velocity_and_logits)
+from sid_fast.adversarial import MixtureRealData, build_data_aided_trainer, discriminator_logits, velocity_and_logits
 from sid_fast.config import load_config
 from sid_fast.losses_adv import adversarial_generator_loss, discriminator_loss
 from sid_fast.models import tiny_components

@@ -1,9 +1,7 @@
 """`sid-fast distill` end to end on a real-family teacher directory: prompts prepared into shards once by the
 teacher's own encoders, SiD with a LoRA fake score, export to a diffusers directory that reloads."""
 
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

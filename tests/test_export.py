@@ -3,8 +3,8 @@ scheduler) reproducing the trainer's own samples, the LoRA fake score, and `sid-
 
 import json
 
-import pytest
 import diffusers
+import pytest
 import torch
 from safetensors.torch import save_file
 

@@ -11,7 +11,7 @@ from sid_fast.config import load_config
 from sid_fast.engine import LocalEngine
 from sid_fast.flow import interpolate, sample_time
 from sid_fast.losses import fake_score_loss, loss_weight, sid_generator_loss
-from sid_fast.models import Conditioning, GaussianMixture, LabelConditions, MixtureTeacher, VelocityMLP
+from sid_fast.models import GaussianMixture, LabelConditions, MixtureTeacher, VelocityMLP
 from sid_fast.trainer import SiDTrainer
 
 UNCOND = LabelConditions(0)

@@ -8,9 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel modul
 
 import pytest
 import torch
-from sid_fast.kernels import conformance, triton_common
 
 from sid_fast import kernels
+from sid_fast.kernels import conformance, triton_common
 
 OP = "adaln_modulation"
 

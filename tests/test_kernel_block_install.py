@@ -9,12 +9,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel modul
 
 import pytest
 import torch
-from sid_fast.kernels import conformance
-from sid_fast.kernels.blocks import REGISTRY_OPS, apply_block_kernels
-from sid_fast.kernels.registry import Implementation
 
 from sid_fast import kernels
 from sid_fast.config import load_config
+from sid_fast.kernels import conformance
+from sid_fast.kernels.blocks import REGISTRY_OPS, apply_block_kernels
+from sid_fast.kernels.registry import Implementation
 from sid_fast.models import tiny_components
 from sid_fast.models.flux import latent_image_ids
 

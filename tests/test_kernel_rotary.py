@@ -8,9 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel modul
 
 import pytest
 import torch
-from sid_fast.kernels import conformance
 
 from sid_fast import kernels
+from sid_fast.kernels import conformance
 
 OP = "rotary_qk"
 

@@ -7,12 +7,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel modul
 import pytest
 import torch
 
-from sid_fast.api import init_student
 from sid_fast import kernels
+from sid_fast.api import init_student
 from sid_fast.config import load_config
+from sid_fast.engine import LocalEngine
 from sid_fast.kernels.ops import LOSS_OPS
 from sid_fast.kernels.registry import Implementation
-from sid_fast.engine import LocalEngine
 from sid_fast.models.mixture import LabelConditions, MixtureTeacher, random_mixture
 from sid_fast.models.mlp import VelocityMLP
 from sid_fast.trainer import SiDTrainer

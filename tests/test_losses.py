@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from sid_fast.losses import (WEIGHTINGS, cfg_fake_score_loss, cfg_sid_generator_loss, fake_score_loss, loss_weight,
-                             sid_generator_loss)
+from sid_fast.losses import (
+    WEIGHTINGS,
+    cfg_fake_score_loss,
+    cfg_sid_generator_loss,
+    fake_score_loss,
+    loss_weight,
+    sid_generator_loss,
+)
 
 
 def _inputs(shape=(4, 3, 5, 5), dtype=torch.float32, seed=0):

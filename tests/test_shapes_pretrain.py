@@ -83,8 +83,14 @@ def test_shapes_family_random_init_and_missing_shipped_file(tmp_path, monkeypatc
 
 
 def test_feature_net_trains_and_frechet_distance_separates(tmp_path):
-    from sid_fast.shapes.features import (features, frechet_interval, load_feature_net, random_scenes,
-                                          save_feature_net, train_feature_net)
+    from sid_fast.shapes.features import (
+        features,
+        frechet_interval,
+        load_feature_net,
+        random_scenes,
+        save_feature_net,
+        train_feature_net,
+    )
     from sid_fast.shapes.world import render_batch
 
     net, losses = train_feature_net(steps=12, batch_size=16, seed=0)

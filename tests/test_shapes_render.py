@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from sid_fast.shapes.captions import all_specs, caption_set, captions_for, is_heldout, parse_caption
-from sid_fast.shapes.world import (PALETTE, SIZE_SPLIT, ObjectSpec, PromptSpec, Scene, PlacedObject, render,
-                                   render_batch, sample_scene)
+from sid_fast.shapes.world import (
+    PALETTE,
+    SIZE_SPLIT,
+    ObjectSpec,
+    PlacedObject,
+    PromptSpec,
+    Scene,
+    render,
+    render_batch,
+    sample_scene,
+)
 
 
 def test_rendering_is_deterministic_for_a_seed_and_in_range():

@@ -163,6 +163,7 @@ def main() -> int:
     card = torch.cuda.get_device_name(0)
     kernels = import_kernels()
     import block_kernels
+
     from sid_fast.kernels import conformance, cpp, timing
     from sid_fast.kernels.ops import LOSS_OPS
 

@@ -5,8 +5,8 @@ and the latent shape. Real families (sd3, flux, sana, shapes) register themselve
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
