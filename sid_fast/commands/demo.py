@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--world", choices=("shapes", "mixture"), default="mixture",
-                        help="mixture: SiD on the exact 8-mode ring teacher of DESIGN.md §9 (default until the "
-                             "ShapesWorld teacher ships); shapes: distil the shipped ShapesWorld text-to-image teacher")
-    parser.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-shapes)")
+    parser.add_argument("--world", choices=("shapes", "mixture"), default="shapes",
+                        help="shapes: distil the shipped ShapesWorld text-to-image teacher (default); "
+                             "mixture: SiD on the exact 8-mode ring teacher of DESIGN.md §9")
+    parser.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-mixture)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything")
     parser.add_argument("--full", action="store_true",
                         help="shapes: train the fresh run for 4x the demo preset's iterations")
@@ -24,11 +24,11 @@ def run(args) -> int:
     if args.world == "mixture":
         from sid_fast.demo import mixture
 
-        mixture.run(args.out or "runs/demo", args.overrides, num_samples=args.samples, seed=args.seed)
+        mixture.run(args.out or "runs/demo-mixture", args.overrides, num_samples=args.samples, seed=args.seed)
         return 0
     from sid_fast.demo import shapes
 
-    shapes.run(args.out or "runs/demo-shapes", args.overrides, seed=args.seed, prompts=args.prompts,
+    shapes.run(args.out or "runs/demo", args.overrides, seed=args.seed, prompts=args.prompts,
                two_object_prompts=args.two_object_prompts, full=args.full, progress=not args.no_progress,
                captions=args.captions)
     return 0
