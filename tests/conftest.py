@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Tests run on CPU, where Triton only runs interpreted. Set before any module defines a @triton.jit function: a
+# helper jitted in compiled mode cannot be called from an interpreted kernel, whatever the import order of tests.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # CPU traps (ENVIRONMENT.md): denormals make small-net training ~17x slower.
 torch.set_flush_denormal(True)
