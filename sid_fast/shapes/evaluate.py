@@ -33,7 +33,9 @@ def teacher_samples(teacher, cond: Conditioning, uncond: Conditioning, steps: in
                     progress: bool = False) -> Tensor:
     """Euler samples of the probability-flow ODE with CFG (§4): (N, *shape) clamped to [-1, 1], N = len(cond).
 
-    uncond: batch 1 (expanded). Noise comes from a generator seeded with `seed`, so samples are reproducible."""
+    uncond: batch 1 (expanded). Noise comes from a CPU generator seeded with `seed`, so samples are reproducible;
+    they are computed on the teacher's device and returned on the CPU."""
+    device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(cond), *shape, generator=generator)
     images = []
@@ -44,8 +46,8 @@ def teacher_samples(teacher, cond: Conditioning, uncond: Conditioning, steps: in
         starts = tqdm(starts, desc=f"teacher {steps}-step samples", leave=False)
     for start in starts:
         part = cond[start:start + batch_size]
-        images.append(euler_sample(teacher, noise[start:start + batch_size], part, steps,
-                                   uncond=uncond.expand_to(len(part)), guidance_scale=guidance))
+        images.append(euler_sample(teacher, noise[start:start + batch_size].to(device), part.to(device), steps,
+                                   uncond=uncond.expand_to(len(part)).to(device), guidance_scale=guidance).cpu())
     return torch.cat(images).clamp(-1, 1)
 
 

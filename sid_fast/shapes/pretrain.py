@@ -68,6 +68,8 @@ class PretrainConfig:
     """Text tokens per caption."""
     threads: int = 0
     """torch threads (0: torch's default)."""
+    device: str = "cpu"
+    """Torch device of the model (cpu, cuda, cuda:1); scenes are rendered and noise drawn on the CPU either way."""
     max_captions: int = 0
     """Use at most this many training captions per set, evenly spaced (0: all); for tests and quick runs."""
 
@@ -84,6 +86,10 @@ class PretrainConfig:
                   (self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1"),
                   (self.log_every >= 1, "log_every", "must be >= 1"), (self.max_captions >= 0, "max_captions", ">= 0"),
                   (self.encoder in ("minilm", "tiny"), "encoder", "must be minilm or tiny")]
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            checks.append((False, "device", "is not a torch device"))
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"pretrain option {name}: {message} (got {getattr(self, name)!r})")
@@ -106,14 +112,16 @@ class _PretrainState:
         pass
 
     def save_state(self, directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(directory / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(directory / "ema.safetensors"))
+        for name, module in (("model", self.model), ("ema", self.ema)):
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                      str(directory / f"{name}.safetensors"))
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path) -> None:
-        self.model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(device)))
+        self.ema.load_state_dict(load_file(str(directory / "ema.safetensors"), device=str(device)))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
 
 
 def build_text_encoder(config: PretrainConfig):
@@ -124,15 +132,14 @@ def build_text_encoder(config: PretrainConfig):
         return TinyPromptEncoder(dim=384, max_length=config.max_sequence_length, seed=config.seed)
     from sid_fast.encoders.minilm import MiniLMEncoder
 
-    return MiniLMEncoder(max_length=config.max_sequence_length)
+    return MiniLMEncoder(max_length=config.max_sequence_length, device=config.device)
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """ema ← d·ema + (1 − d)·model with d = min(decay, (1 + step) / (10 + step)) (warm-up)."""
     d = min(decay, (1 + step) / (10 + step))
-    for target, source in zip(ema.parameters(), model.parameters()):
-        target.lerp_(source.detach(), 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)
 
 
 def pretrain(config: PretrainConfig, progress: bool = True) -> Path:
@@ -152,8 +159,10 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> Path:
                                  max_captions=config.max_captions)
     if hasattr(encoder, "release"):
         encoder.release()
-    model = SD3Adapter(shapes_transformer(config.preset, seed=config.seed))
+    device = torch.device(config.device)
+    model = SD3Adapter(shapes_transformer(config.preset, seed=config.seed)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    null = data.unconditional(config.batch_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
     state = _PretrainState(model, ema, optimizer)
     rng = torch.Generator().manual_seed(config.seed)
@@ -181,7 +190,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, cond = data.sample(config.batch_size, rng)
-            null = data.unconditional(config.batch_size)
+            images, cond = images.to(device, non_blocking=True), cond.to(device)
             loss = flow_matching_loss(model, images, cond, null, rng, config.cond_dropout, config.time_scheme,
                                       mean=config.time_mean, std=config.time_std)
             if not torch.isfinite(loss):
@@ -213,6 +222,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> Path:
     model.eval()
     exported = ema if config.ema > 0 else model
     machine = f"{platform.machine()} {platform.processor()} torch {torch.__version__} threads {torch.get_num_threads()}"
+    if device.type == "cuda":
+        machine += f" on {torch.cuda.get_device_name(device)}"
     card = {"recipe": "sid-fast pretrain", "config": dataclasses.asdict(config), "steps": step,
             "train_seconds": round(elapsed, 1), "machine": machine, "weights": "ema" if config.ema > 0 else "raw",
             "command": " ".join(sys.argv)}
@@ -245,7 +256,7 @@ def evaluate_and_card(config: PretrainConfig, path: Path, count: int, steps: tup
     from sid_fast.models.shapes import load_shapes_transformer, read_card, save_shapes_transformer
     from sid_fast.shapes.evaluate import evaluate_teacher
 
-    teacher = SD3Adapter(load_shapes_transformer(path))
+    teacher = SD3Adapter(load_shapes_transformer(path)).to(config.device)
     encoder = build_text_encoder(config)
     scores = evaluate_teacher(teacher, encoder, count, steps, guidance, config.seed, progress)
     card = read_card(path)
