@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--ship", action="store_true", help="copy the generators into sid_fast/assets/shapes/")
+    parser.add_argument("--from", dest="trained", nargs="*", default=[], metavar="K=FILE",
+                        help="score (and ship) a K-step generator trained elsewhere, e.g. by "
+                             "launchers/shapes_reference_gpu.py, instead of training it here")
     args = parser.parse_args(argv)
 
     import torch
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     from sid_fast.shapes.evaluate import teacher_samples
     from sid_fast.shapes.features import SHIPPED_FEATURES, load_feature_net
 
+    trained = {}
+    for item in args.trained:
+        k, _, file = item.partition("=")
+        if not k.isdigit() or not Path(file).is_file():
+            parser.error(f"--from takes K=FILE with an existing FILE; got {item!r}")
+        trained[int(k)] = Path(file)
+    args.steps = sorted(set(args.steps) | set(trained)) if trained else args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -84,22 +94,32 @@ def main(argv: list[str] | None = None) -> int:
             teacher, cond, uncond, steps, 4.0, args.seed + objects, progress=True))
         baseline[steps] = record(row)
     for k, config in configs.items():
-        config = load_config(overrides=[f"data.shards={shards}"], base=config)
-        print(f"[reference] distilling a {k}-step generator: {config.train.iterations} iterations of batch "
-              f"{config.train.batch_size} into {config.train.out_dir}", flush=True)
-        start = time.perf_counter()
-        path = run_training(config)
-        seconds = time.perf_counter() - start
-        transformer = load_shapes_transformer(teacher_path)
-        state = {name.removeprefix("transformer."): value for name, value in _load(path).items()}
-        transformer.load_state_dict(state)
-        generator = SD3Adapter(transformer).eval().requires_grad_(False)
+        if k in trained:  # trained elsewhere: its card says how; scored here exactly like a run trained here
+            generator, made = demo.load_generator(trained[k])
+            iterations, seconds, config_ref = made.get("iterations"), made.get("run_seconds"), made.get("config")
+            print(f"[reference] scoring the {k}-step generator {trained[k]} ({iterations} iterations on "
+                  f"{made.get('machine')})", flush=True)
+        else:
+            config = load_config(overrides=[f"data.shards={shards}"], base=config)
+            print(f"[reference] distilling a {k}-step generator: {config.train.iterations} iterations of batch "
+                  f"{config.train.batch_size} into {config.train.out_dir}", flush=True)
+            start = time.perf_counter()
+            path = run_training(config)
+            seconds = round(time.perf_counter() - start, 1)
+            transformer = load_shapes_transformer(teacher_path)
+            state = {name.removeprefix("transformer."): value for name, value in _load(path).items()}
+            transformer.load_state_dict(state)
+            generator = SD3Adapter(transformer).eval().requires_grad_(False)
+            iterations, config_ref = config.train.iterations, str(Path(config.train.out_dir) / "config.yaml")
         row = timed(f"SiD {k}-step", lambda cond, objects, k=k, g=generator: demo._generator_images(g, cond, k, args.seed + objects))
-        entry = record(row, iterations=config.train.iterations, run_seconds=round(seconds, 1))
+        entry = record(row, iterations=iterations, run_seconds=seconds)
         card = {"made_by": "python launchers/shapes_reference.py " + " ".join(argv or sys.argv[1:]),
-                "teacher": str(teacher_path), "num_steps": k, "config": str(Path(config.train.out_dir) / "config.yaml"),
+                "teacher": str(teacher_path), "num_steps": k, "config": config_ref,
                 "scores": entry, "teacher_scores": baseline}
-        shipped = demo.save_generator(generator, Path(config.train.out_dir) / "generator-fp16.safetensors", card)
+        if k in trained:
+            card["trained_by"] = made
+        (out / f"sid-{k}step").mkdir(parents=True, exist_ok=True)
+        shipped = demo.save_generator(generator, out / f"sid-{k}step" / "generator-fp16.safetensors", card)
         if args.ship:
             target = demo.REFERENCE_GENERATORS[k] if k in demo.REFERENCE_GENERATORS else shipped
             shutil.copyfile(shipped, target)
