@@ -198,10 +198,12 @@ def _autograd_backward(spec: OpSpec, impl: Implementation, grad: Tensor, args: l
 def _define_custom_op(spec: OpSpec, arg_schema: str) -> None:
     name = spec.name
 
+    # Outputs are contiguous, as the fakes declare: torch.compile asserts the strides a fake promised, and an input
+    # view (SD3.5 normalises q/k as a transposed (B, H, S, D) view) must not leak its layout into a result.
     def forward(*args):
         *values, backend = args
         out = get_op(name).implementations[backend].forward(*values)
-        return out.clone() if any(out is v for v in values) else out
+        return out.clone() if any(out is v for v in values) else out.contiguous()
 
     def fake_forward(*args):
         *values, _backend = args
@@ -209,11 +211,12 @@ def _define_custom_op(spec: OpSpec, arg_schema: str) -> None:
 
     def backward_impl(*args):
         grad, *values, backend = args
-        return list(get_op(name).implementations[backend].backward(grad, *values))
+        return [g.contiguous() for g in get_op(name).implementations[backend].backward(grad, *values)]
 
     def fake_backward(*args):
         _grad, *values, _backend = args
-        return [torch.empty_like(values[i]) for i in _tensor_positions(get_op(name))]
+        return [torch.empty_like(values[i], memory_format=torch.contiguous_format)
+                for i in _tensor_positions(get_op(name))]
 
     spec.custom_op = torch.library.custom_op(f"sid_fast::{name}", forward, mutates_args=(),
                                              schema=f"({arg_schema}, str backend) -> Tensor")

@@ -46,3 +46,23 @@ def test_compile_sees_one_op():
     want = torch.autograd.grad(kernels.rms_norm(x, weight, 1e-6).square().sum(), (x, weight))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_with_a_transposed_input(monkeypatch):
+    """SD3.5 normalises q/k as a transposed (B, H, S, D) view. Inductor asserts the strides a custom op's fake
+    promised; the backward's fake once copied the view's layout while the kernel returned contiguous gradients, and
+    the compiled SD3.5 block with the block kernels failed on the H200 (docs/kernels.md). Caches off, so a graph
+    compiled before a fix cannot hide it."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    query = torch.randn(2, 8, 4, 16).transpose(1, 2).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(16)).requires_grad_()
+
+    def total(q, w):
+        return kernels.rms_norm(q, w, 1e-6, backend="triton").square().sum()
+
+    got = torch.autograd.grad(torch.compile(total)(query, weight), (query, weight))
+    want = torch.autograd.grad(kernels.rms_norm(query, weight, 1e-6).square().sum(), (query, weight))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
