@@ -34,15 +34,20 @@ def _plain_layer_norm(norm: nn.Module) -> str | None:
     return None
 
 
-class FusedAdaLayerNormZero(AdaLayerNormZero):
-    """AdaLayerNormZero (SD3, FLUX double blocks) with the modulation through `adaln_modulation`."""
+class _ModulationNorm:
+    """What the five adaptive-norm twins share: they route through `adaln_modulation` (backend set per instance by
+    the installer) and need their LayerNorm plain (no affine parameters)."""
 
     kernel_backend = "torch"
     op = "adaln_modulation"
 
     @staticmethod
-    def unsupported(module: AdaLayerNormZero) -> str | None:
+    def unsupported(module: nn.Module) -> str | None:
         return _plain_layer_norm(module.norm)
+
+
+class FusedAdaLayerNormZero(_ModulationNorm, AdaLayerNormZero):
+    """AdaLayerNormZero (SD3, FLUX double blocks) with the modulation through `adaln_modulation`."""
 
     def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
         if self.emb is not None:
@@ -53,31 +58,17 @@ class FusedAdaLayerNormZero(AdaLayerNormZero):
         return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-class FusedAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
+class FusedAdaLayerNormZeroSingle(_ModulationNorm, AdaLayerNormZeroSingle):
     """AdaLayerNormZeroSingle (FLUX single blocks)."""
-
-    kernel_backend = "torch"
-    op = "adaln_modulation"
-
-    @staticmethod
-    def unsupported(module: AdaLayerNormZeroSingle) -> str | None:
-        return _plain_layer_norm(module.norm)
 
     def forward(self, x, emb=None):
         shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
         return adaln_modulation(x, scale_msa, shift_msa, self.norm.eps, backend=self.kernel_backend), gate_msa
 
 
-class FusedSD35AdaLayerNormZeroX(SD35AdaLayerNormZeroX):
+class FusedSD35AdaLayerNormZeroX(_ModulationNorm, SD35AdaLayerNormZeroX):
     """SD35AdaLayerNormZeroX (SD3.5 dual-attention blocks): two modulations of one normalized input, as two
     fused calls (each recomputes the row statistics, cheaper than a stored normalized copy)."""
-
-    kernel_backend = "torch"
-    op = "adaln_modulation"
-
-    @staticmethod
-    def unsupported(module: SD35AdaLayerNormZeroX) -> str | None:
-        return _plain_layer_norm(module.norm)
 
     def forward(self, hidden_states, emb=None):
         if self.kernel_backend == "torch":
@@ -92,15 +83,8 @@ class FusedSD35AdaLayerNormZeroX(SD35AdaLayerNormZeroX):
         return modulated, gate_msa, shift_mlp, scale_mlp, gate_mlp, modulated2, gate_msa2
 
 
-class FusedAdaLayerNormContinuous(AdaLayerNormContinuous):
+class FusedAdaLayerNormContinuous(_ModulationNorm, AdaLayerNormContinuous):
     """AdaLayerNormContinuous with a plain LayerNorm (SD3/FLUX `norm_out`, SD3's last context norm)."""
-
-    kernel_backend = "torch"
-    op = "adaln_modulation"
-
-    @staticmethod
-    def unsupported(module: AdaLayerNormContinuous) -> str | None:
-        return _plain_layer_norm(module.norm)
 
     def forward(self, x: Tensor, conditioning_embedding: Tensor) -> Tensor:
         emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
@@ -108,15 +92,8 @@ class FusedAdaLayerNormContinuous(AdaLayerNormContinuous):
         return adaln_modulation(x, scale, shift, self.norm.eps, backend=self.kernel_backend)
 
 
-class FusedSanaModulatedNorm(SanaModulatedNorm):
+class FusedSanaModulatedNorm(_ModulationNorm, SanaModulatedNorm):
     """SanaModulatedNorm (SANA `norm_out`): the table + timestep shift/scale are (B, 1, D)."""
-
-    kernel_backend = "torch"
-    op = "adaln_modulation"
-
-    @staticmethod
-    def unsupported(module: SanaModulatedNorm) -> str | None:
-        return _plain_layer_norm(module.norm)
 
     def forward(self, hidden_states: Tensor, temb: Tensor, scale_shift_table: Tensor) -> Tensor:
         shift, scale = (scale_shift_table[None] + temb[:, None].to(scale_shift_table.device)).chunk(2, dim=1)
