@@ -25,7 +25,8 @@ PRESET = Path(__file__).resolve().parents[1] / "sid_fast" / "presets" / "shapes_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="generator step counts K to distil")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="generator step counts K to distil (default: 1 4, or none when --from is given)")
     parser.add_argument("--out", default="runs/shapes-reference")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides section.field=value")
     parser.add_argument("--prompts", type=int, default=400, help="held-out one-object prompts per score")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if not k.isdigit() or not Path(file).is_file():
             parser.error(f"--from takes K=FILE with an existing FILE; got {item!r}")
         trained[int(k)] = Path(file)
-    args.steps = sorted(set(args.steps) | set(trained)) if trained else args.steps
+    args.steps = sorted(set(args.steps if args.steps is not None else ([] if trained else [1, 4])) | set(trained))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"train.seed={args.seed}"] + [f"{s}" for s in args.set]) for k in args.steps}
     teacher_path = Path(configs[args.steps[0]].teacher.path or SHIPPED_TEACHER)
     encoder = MiniLMEncoder(max_length=20)
-    shards = demo.prepare_shards(out, encoder)
+    shards = demo.prepare_shards(out, encoder) if set(args.steps) - set(trained) else None  # only training needs them
     net = load_feature_net(SHIPPED_FEATURES) if SHIPPED_FEATURES.is_file() else None
     sets = {1: demo.build_eval_set(1, args.prompts, encoder, net, args.seed)}
     if args.two_object_prompts:
@@ -106,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             path = run_training(config)
             seconds = round(time.perf_counter() - start, 1)
-            transformer = load_shapes_transformer(teacher_path)
-            state = {name.removeprefix("transformer."): value for name, value in _load(path).items()}
-            transformer.load_state_dict(state)
-            generator = SD3Adapter(transformer).eval().requires_grad_(False)
+            generator = demo.load_run_generator(teacher_path, path)
             iterations, config_ref = config.train.iterations, str(Path(config.train.out_dir) / "config.yaml")
         row = timed(f"SiD {k}-step", lambda cond, objects, k=k, g=generator: demo._generator_images(g, cond, k, args.seed + objects))
         entry = record(row, iterations=iterations, run_seconds=seconds)
@@ -125,12 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(shipped, target)
             print(f"[reference] shipped {target}", flush=True)
     return 0
-
-
-def _load(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 if __name__ == "__main__":

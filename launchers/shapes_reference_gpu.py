@@ -43,13 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from safetensors.torch import load_file
 
     from sid_fast.config import load_config, to_dict
-    from sid_fast.demo.shapes import save_generator
+    from sid_fast.demo.shapes import load_run_generator, save_generator
     from sid_fast.engine.build import run_training
-    from sid_fast.models.sd3 import SD3Adapter
-    from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer
+    from sid_fast.models.shapes import SHIPPED_TEACHER
 
     started = time.monotonic()
     out, work = Path(args.out), Path(args.work)
@@ -89,12 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         path = run_training(config)
         seconds = time.monotonic() - t
-        transformer = load_shapes_transformer(teacher)
-        transformer.load_state_dict({n.removeprefix("transformer."): v for n, v in load_file(str(path)).items()})
         card = {"made_by": "python launchers/shapes_reference_gpu.py " + " ".join(argv or sys.argv[1:]),
                 "teacher": teacher, "num_steps": k, "iterations": iterations, "run_seconds": round(seconds, 1),
                 "machine": results["device"], "config": to_dict(config)}
-        whole = save_generator(SD3Adapter(transformer), work / f"sid-{k}step.safetensors", card)
+        whole = save_generator(load_run_generator(Path(teacher), path), work / f"sid-{k}step.safetensors", card)
         parts = split_teacher(whole, out, f"sid-{k}step")  # files back from a lent machine: at most 16 MiB each
         log = Path(config.train.out_dir) / "log.jsonl"
         if log.is_file():

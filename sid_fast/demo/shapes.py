@@ -135,6 +135,18 @@ def load_generator(path: Path):
     return SD3Adapter(load_shapes_transformer(path)).eval().requires_grad_(False), read_card(path)
 
 
+def load_run_generator(teacher_path: Path, path: Path):
+    """A run's exported generator (`run_training`'s generator.safetensors, adapter names) as an eval-mode shapes
+    generator built on the teacher's architecture (`sid_fast.adversarial.init_generator_from` matches the names)."""
+    from sid_fast.adversarial import init_generator_from
+    from sid_fast.models.sd3 import SD3Adapter
+    from sid_fast.models.shapes import load_shapes_transformer
+
+    generator = SD3Adapter(load_shapes_transformer(teacher_path))
+    init_generator_from(generator, path)
+    return generator.eval().requires_grad_(False)
+
+
 def fresh_config(out: Path, overrides: list[str], seed: int, full: bool, progress: bool = True) -> SiDConfig:
     """The fresh run's config (the demo preset + overrides), without its data.shards (set once they exist)."""
     config = load_config(PRESET, [f"train.out_dir={out / 'sid-fresh'}", f"train.seed={seed}"]
