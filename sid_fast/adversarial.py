@@ -161,7 +161,7 @@ class DataAidedTrainer(SiDTrainer):
         self.elements = 1
         for size in self.sample_shape:
             self.elements *= size  # C·H·W of §5
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, Tensor] = {}
 
     def adversarial_active(self) -> bool:
         return self.images_seen >= self.config.adversarial.adversarial_from_images
@@ -185,7 +185,7 @@ class DataAidedTrainer(SiDTrainer):
         real_logits, fake_logits = logits.chunk(2)
         self.last_logits = (real_logits.detach(), fake_logits.detach())
         loss_d = discriminator_loss(real_logits, fake_logits, self.elements).mean()
-        self.last_terms["loss_d"] = float(loss_d.detach())
+        self.last_terms["loss_d"] = loss_d.detach()  # read with the log line, not here
         return loss + loss_d
 
     def generator_loss(self, steps_run: int) -> Tensor:
@@ -200,12 +200,12 @@ class DataAidedTrainer(SiDTrainer):
         self.guard.watch(logits, "fake_score", "discriminator logits of generator samples")
         weight = loss_weight(adv.weighting, batch["t"])
         loss_adv = adversarial_generator_loss(logits, weight, self.elements).mean()
-        self.last_terms["loss_adv"] = float(loss_adv.detach())
+        self.last_terms["loss_adv"] = loss_adv.detach()
         return adv.sid_weight * loss + adv.adv_weight * loss_adv
 
-    def train_step(self):
+    def _train_step(self):
         self.last_terms = {}
-        stats = super().train_step()
+        stats = super()._train_step()
         stats.loss_d = self.last_terms.get("loss_d")
         stats.loss_adv = self.last_terms.get("loss_adv")
         return stats

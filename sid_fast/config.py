@@ -48,10 +48,15 @@ class TeacherConfig:
     """SANA timestep convention: `1000t` (RF teachers), `t` (SANA-Sprint teachers) or `auto` (from the model config)."""
     fake_lora_rank: int = 0
     """Fake score as teacher + LoRA adapters of this rank (teacher weights shared); 0: a full trainable copy."""
+    frozen_dtype: str = ""
+    """Weight dtype of the frozen teacher: '' (= teacher.dtype), float32, bfloat16 or float16. It never trains, so
+    bfloat16 here holds it in bf16 with no fp32 master copy (the fast path on GPUs)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.kind), "teacher.kind", "must name a teacher family")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "teacher.dtype", f"unknown dtype {self.dtype!r}")
+        _check(self.frozen_dtype in ("", "float32", "bfloat16", "float16"), "teacher.frozen_dtype",
+               f"unknown dtype {self.frozen_dtype!r}; expected '', float32, bfloat16 or float16")
         _check(self.resolution >= 0, "teacher.resolution", f"must be >= 0, got {self.resolution}")
         _check(self.max_sequence_length >= 0, "teacher.max_sequence_length", "must be >= 0")
         _check(self.flux_guidance_mode in ("embed", "embed+cfg"), "teacher.flux_guidance_mode",
@@ -139,6 +144,9 @@ class OptimConfig:
     """Weight decay (none in SiD)."""
     grad_clip: float = 0.0
     """Clip gradient norm to this value; 0 disables clipping."""
+    implementation: str = "auto"
+    """Adam of the local engine: `fused` (one kernel for all parameters, CUDA), `foreach` (multi-tensor ops),
+    `single` (a loop over parameters) or `auto` (fused on CUDA, foreach elsewhere)."""
 
     def __post_init__(self) -> None:
         for name in ("lr_generator", "lr_fake"):
@@ -147,6 +155,8 @@ class OptimConfig:
         _check(self.eps > 0, "optim.eps", "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+        _check(self.implementation in ("auto", "fused", "foreach", "single"), "optim.implementation",
+               f"must be auto, fused, foreach or single, got {self.implementation!r}")
 
 
 @dataclass
@@ -179,6 +189,8 @@ class TrainConfig:
     """Torch device of the single-process engine."""
     progress: bool = True
     """Show a progress bar."""
+    autocast: str = "off"
+    """Autocast of the networks' forwards: off, bfloat16 or float16 (weights keep their dtype; losses stay fp32)."""
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 0, "train.iterations", "must be >= 0")
@@ -190,6 +202,8 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.autocast in ("off", "bfloat16", "float16"), "train.autocast",
+               f"must be off, bfloat16 or float16, got {self.autocast!r}")
 
 
 @dataclass
@@ -208,6 +222,9 @@ class EngineConfig:
     """Pin the CPU buffers of offloading."""
     activation_checkpointing: bool = False
     """Recompute transformer-block activations in backward (models with `enable_gradient_checkpointing`)."""
+    checkpoint_networks: str = "teacher,fake_score,generator"
+    """With activation_checkpointing: the networks whose blocks are recomputed (comma-separated; all three keep
+    activations for a backward: the teacher and the fake score for their input gradients in the generator step)."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON whose DeepSpeed-only keys are merged over the generated config."""
     optimizer: str = "auto"
@@ -227,6 +244,10 @@ class EngineConfig:
         _check(self.optimizer in ("auto", "torch", "deepspeed"), "engine.optimizer",
                f"unknown optimizer {self.optimizer!r}; expected auto, torch or deepspeed")
         _check(self.persistence_threshold >= 0, "engine.persistence_threshold", "must be >= 0")
+        names = [n.strip() for n in self.checkpoint_networks.split(",") if n.strip()]
+        unknown = sorted(set(names) - {"teacher", "fake_score", "generator"})
+        _check(not unknown, "engine.checkpoint_networks",
+               f"unknown network(s) {unknown}; expected a comma-separated subset of teacher,fake_score,generator")
         _check(self.backend in (None, "nccl", "gloo", "mpi", "ccl", "hccl"), "engine.backend", f"unknown backend {self.backend!r}")
         if self.ds_config is not None:
             _check(Path(self.ds_config).is_file(), "engine.ds_config", f"DeepSpeed JSON {self.ds_config!r} does not exist")
@@ -262,6 +283,13 @@ class KernelConfig:
     """Attention of diffusers networks: auto (flash-attn 3/2, then xformers, on CUDA; else SDPA), native, flash, flash_3 or xformers."""
     block_backend: str = "torch"
     """DiT block kernels of diffusers networks (adaLN modulation, RMSNorm, FLUX rotary): torch (nothing installed) or triton."""
+    compile: bool = False
+    """Regional torch.compile: the repeated DiT blocks of the three networks compiled (one graph per block variant
+    shared by all instances), the rest eager; a model with no repeated blocks stays eager."""
+    compile_mode: str = "default"
+    """torch.compile mode of kernels.compile: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of kernels.compile: inductor, or aot_eager / eager to debug (no code generation)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.loss_backend) and self.loss_backend.isidentifier(), "kernels.loss_backend",
@@ -270,6 +298,8 @@ class KernelConfig:
                f"unknown attention backend {self.attention!r}; expected auto, native, flash, flash_3 or xformers")
         _check(bool(self.block_backend) and self.block_backend.isidentifier(), "kernels.block_backend",
                f"must name a backend (torch, triton, ...), got {self.block_backend!r}")
+        _check(self.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+               "kernels.compile_mode", f"unknown torch.compile mode {self.compile_mode!r}")
 
 
 @dataclass
@@ -305,7 +335,11 @@ class HealthConfig:
     on_nonfinite: str = "stop"
     """NaN/inf in a watched tensor or loss: `stop` (raise, naming step, network, tensor) or `skip` (drop that update)."""
     check_tensors: bool = True
-    """Check network outputs (teacher, fake score, generator) for NaN/inf, not only the losses (one sync each)."""
+    """Check network outputs (teacher, fake score, generator) for NaN/inf, not only the losses."""
+    defer_checks: bool = True
+    """Keep the NaN/inf flags and the logged scalars on the device and read them every train.log_every iterations
+    (and before every checkpoint and evaluation): no host sync per step. False reads them after every update.
+    on_nonfinite=skip always reads them per update (it must decide before the optimizer step)."""
     collapse_every: int = 0
     """Iterations between diversity checks of a fixed-seed generator batch (0: off)."""
     collapse_batch: int = 16

@@ -39,22 +39,55 @@ class NonFiniteGuard:
     """Collects the first non-finite tensor of the current update and decides stop / skip.
 
     mode: `stop` or `skip`; check_tensors: False checks only the losses (`watch` becomes a no-op).
+    deferred (stop mode only): the checks stay on the device, with no host sync per step: each watched tensor
+    updates a small device record (first bad step, NaN and inf counts), and `flush()` (called every
+    `train.log_every` iterations, before checkpoints and evaluations) reads them all at once and raises naming the
+    first bad step, network and tensor. Until then the run goes on: a NaN can reach the weights, but no checkpoint
+    or export is written past it. Immediate mode (and `skip`, which must decide before the optimizer step) checks
+    each update before its backward at the cost of one host sync per watched tensor.
     """
 
-    def __init__(self, mode: str = "stop", check_tensors: bool = True, engine=None):
+    def __init__(self, mode: str = "stop", check_tensors: bool = True, engine=None, deferred: bool = False):
         if mode not in ("stop", "skip"):
             raise ValueError(f"config field health.on_nonfinite: must be stop or skip, got {mode!r}")
         self.mode, self.check_tensors, self.engine = mode, check_tensors, engine
+        self.deferred = deferred and mode == "stop"
+        self.step = 0
+        """The iteration being run (set by the trainer), recorded with a deferred problem."""
         self.problems: list[str] = []
         self.skipped: list[dict] = []
+        self._pending: dict[tuple[str, str], tuple[Tensor, Tensor, tuple[int, ...]]] = {}
 
     def watch(self, value: Tensor, network: str, tensor: str) -> None:
-        """Record `value` (output of `network`) when it holds NaN/inf. Costs one device sync."""
-        if self.check_tensors and not bool(torch.isfinite(value.detach()).all()):
+        """Record `value` (output of `network`) when it holds NaN/inf (immediate mode: one device sync)."""
+        if not self.check_tensors:
+            return
+        if self.deferred:
+            self._record(value, network, tensor)
+        elif not bool(torch.isfinite(value.detach()).all()):
             self.problems.append(f"{tensor} of the {network} ({describe_nonfinite(value)})")
 
+    def _record(self, value: Tensor, network: str, tensor: str) -> None:
+        """Deferred check: keep (first bad step, NaN count, inf count, numel) of `tensor` on the device."""
+        value = value.detach()
+        counts = torch.stack([torch.isnan(value).sum(), torch.isinf(value).sum()])
+        key = (network, tensor)
+        step = torch.full((), self.step, dtype=torch.int64, device=value.device)
+        if key not in self._pending:
+            first = torch.where(counts.sum() > 0, step, torch.full_like(step, -1))
+            self._pending[key] = (first, counts, tuple(value.shape))
+            return
+        first, kept, shape = self._pending[key]
+        fresh = (first < 0) & (counts.sum() > 0)  # the first bad call wins; later ones change nothing
+        self._pending[key] = (torch.where(fresh, step, first), torch.where(fresh, counts, kept), shape)
+
     def verdict(self, loss: Tensor, step: int, network: str, loss_name: str) -> bool:
-        """Called before `network`'s backward. Returns True when the update must be skipped; raises in stop mode."""
+        """Called before `network`'s backward. Returns True when the update must be skipped; raises in stop mode.
+        Deferred: records the loss and returns False (the check happens at `flush`)."""
+        if self.deferred:
+            self.step = step
+            self._record(loss, network, loss_name)
+            return False
         if not bool(torch.isfinite(loss.detach()).all()):
             self.problems.append(f"{loss_name} ({describe_nonfinite(loss)})")
         local = 1.0 if self.problems else 0.0
@@ -71,6 +104,38 @@ class NonFiniteGuard:
         log.warning("%s; skipping this %s update (health.on_nonfinite=skip)", message, network)
         self.skipped.append({"step": step, "network": network, "where": where})
         return True
+
+    def flush(self) -> None:
+        """Deferred mode: read every pending record in one host transfer; raise `NonFiniteError` naming the first
+        bad step, its network and tensor (all ranks raise together). No-op in immediate mode."""
+        if not self.deferred or not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        keys = list(pending)
+        device = pending[keys[0]][0].device
+        table = torch.stack([torch.cat([first.reshape(1), counts]).to(device) for first, counts, _ in pending.values()])
+        bad = (table[:, 0] >= 0).any().float()
+        if self.engine is not None and getattr(self.engine, "world_size", 1) > 1:  # every rank must agree
+            bad = self.engine.all_reduce_mean(bad.to(self.engine.device))
+        rows, any_bad = table.tolist(), float(bad) > 0  # the one sync of the window
+        if not any_bad:
+            return
+        found = [(row[0], key, row, pending[key][2]) for key, row in zip(keys, rows, strict=True) if row[0] >= 0]
+        if not found:
+            raise NonFiniteError(f"steps up to {self.step}: non-finite values on another rank")
+        step = min(item[0] for item in found)
+        where = "; ".join(f"{tensor} of the {network} ({nan} NaN, {inf} inf of {_numel(shape)} elements, shape {shape})"
+                          for first, (network, tensor), (_, nan, inf), shape in found if first == step)
+        networks = sorted({network for first, (network, _), _, _ in found if first == step})
+        raise NonFiniteError(f"step {step}: non-finite values in the {' and '.join(networks)} update: {where} "
+                             f"(found at the check after step {self.step}; health.defer_checks=false stops at once)")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
 
 
 class FlopCounter:

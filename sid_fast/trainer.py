@@ -6,8 +6,9 @@ The trainer knows nothing of how the engine holds the networks (one process or D
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,16 +30,35 @@ from sid_fast.sampler import few_step_sample
 
 @dataclass
 class StepStats:
+    """One iteration's scalars. Inside `fit` they stay 0-dim device tensors until a log line needs them
+    (`resolved()` reads them all in one host transfer); `train_step()` returns them resolved to floats."""
+
     step: int
     steps_run: int
-    loss_fake: float
-    loss_generator: float | None
-    grad_norm_fake: float | None = None
-    grad_norm_generator: float | None = None
-    teacher_fake_mse: float | None = None
+    loss_fake: float | Tensor
+    loss_generator: float | Tensor | None
+    grad_norm_fake: float | Tensor | None = None
+    grad_norm_generator: float | Tensor | None = None
+    teacher_fake_mse: float | Tensor | None = None
     """Mean squared distance between the teacher's and the fake score's guided velocities (generator step)."""
     skipped: str | None = None
     """Networks whose update was skipped for NaN/inf (health.on_nonfinite=skip)."""
+    loss_d: float | Tensor | None = None
+    """SiD²ₐ: the discriminator loss of the fake-score step."""
+    loss_adv: float | Tensor | None = None
+    """SiD²ₐ: the adversarial generator loss (once it is on)."""
+
+    def resolved(self) -> StepStats:
+        """A copy with every tensor field read to a float, all in one device-to-host transfer."""
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        if not names:
+            return self
+        device = getattr(self, names[0]).device
+        values = torch.stack([getattr(self, n).detach().float().reshape(()).to(device) for n in names])
+        out = StepStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for name, value in zip(names, values.tolist(), strict=True):
+            setattr(out, name, value)
+        return out
 
 
 __all__ = ["NonFiniteError", "SiDTrainer", "StepStats"]
@@ -67,16 +87,22 @@ class SiDTrainer:
         if health.on_nonfinite == "skip" and config.train.grad_accum != 1:
             raise ValueError("config field health.on_nonfinite: `skip` drops a whole update, which needs "
                              f"train.grad_accum=1 (got {config.train.grad_accum}); use `stop` with accumulation")
-        self.guard = NonFiniteGuard(health.on_nonfinite, health.check_tensors, engine)
+        self.guard = NonFiniteGuard(health.on_nonfinite, health.check_tensors, engine, deferred=health.defer_checks)
         self.sinks = LogSinks(self.out_dir, health.tensorboard, health.wandb_project, to_dict(config)) if engine.rank == 0 else None
         self.flops = FlopCounter({"teacher": engine.teacher, "fake_score": engine.fake_score, "generator": engine.generator})
         self.collapse = CollapseMonitor(health.collapse_ratio) if health.collapse_every else None
         self.evaluator = None
         """An `sid_fast.eval.inloop.InLoopEvaluator`, run every eval.every_images images when set."""
-        self._teacher_fake_mse: list[float] = []
+        self._teacher_fake_mse: list[Tensor] = []
+        self._uncond = None
         check_loss_backend(config.kernels.loss_backend)
         apply_attention_backend([engine.teacher, engine.fake_score, engine.generator], config.kernels.attention)
         apply_block_kernels([engine.teacher, engine.fake_score, engine.generator], config.kernels.block_backend)
+        if config.kernels.compile:  # after the kernels and processors are in place: they are part of the graph
+            from sid_fast.kernels.regional_compile import compile_regions
+
+            compile_regions({"teacher": engine.teacher, "fake_score": engine.fake_score, "generator": engine.generator},
+                            config.kernels.compile_mode, config.kernels.compile_backend)
 
     # ------------------------------------------------------------------ random draws
 
@@ -98,9 +124,10 @@ class SiDTrainer:
 
     def _batch(self):
         batch = self.config.train.batch_size
-        cond = self.conditions.sample(batch, self.rng).to(self.device)
-        uncond = self.conditions.unconditional(batch).to(self.device)
-        return cond, uncond
+        cond = self.conditions.sample(batch, self.rng).to(self.device, non_blocking=True)
+        if self._uncond is None or len(self._uncond) != batch:  # the same every step: moved once
+            self._uncond = self.conditions.unconditional(batch).to(self.device)
+        return cond, self._uncond
 
     def _generate(self, cond, steps_run: int, grad: bool) -> Tensor:
         method = self.config.method
@@ -188,41 +215,57 @@ class SiDTrainer:
         return step >= self.config.train.fake_warmup_iters
 
     def train_step(self) -> StepStats:
+        """One SiD iteration (see `_train_step`), its scalars read to floats (one host sync)."""
+        stats = self._train_step()
+        self.guard.flush()
+        return stats.resolved()
+
+    def _autocast(self):
+        """bf16/fp16 autocast of the network forwards (train.autocast); the losses cast to fp32 themselves."""
+        mode = self.config.train.autocast
+        if mode == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, mode))
+
+    def _train_step(self) -> StepStats:
         """One SiD iteration: `train.fake_updates` fake-score updates, then one generator update; each update is
-        `grad_accum` micro-batches."""
+        `grad_accum` micro-batches. With health.defer_checks the scalars stay on the device (no host sync)."""
         step, accum = self.step, self.config.train.grad_accum
         steps_run = self.steps_for_iteration(step)
+        self.guard.step = step
         fake_total, gen_total, stats_fake, stats_gen, skipped = 0.0, None, {}, {}, []
         self._teacher_fake_mse = []
         for _ in range(self.config.train.fake_updates):  # the logged fake loss is that of the last update
             fake_total = 0.0
             for _ in range(accum):
-                loss = self.fake_score_loss(steps_run)
+                with self._autocast():
+                    loss = self.fake_score_loss(steps_run)
                 if self.guard.verdict(loss, step, "fake_score", "fake-score loss"):  # stop raises; skip: no update
                     skipped.append("fake_score")
                     fake_total = float("nan")
                     break
                 self.engine.backward("fake_score", loss)
                 stats_fake = self.engine.step("fake_score") or stats_fake
-                fake_total += loss.item() / accum
+                fake_total = fake_total + loss.detach() / accum
             if skipped:
                 break
         if self.generator_active(step):
             gen_total = 0.0
             for _ in range(accum):
-                loss = self.generator_loss(steps_run)
+                with self._autocast():
+                    loss = self.generator_loss(steps_run)
                 if self.guard.verdict(loss, step, "generator", "generator loss"):
                     skipped.append("generator")
                     gen_total = float("nan")
                     break
                 self.engine.backward("generator", loss)
                 stats_gen = self.engine.step("generator") or stats_gen
-                gen_total += loss.item() / accum
+                gen_total = gen_total + loss.detach() / accum
             else:
                 self.engine.ema_update()
         self.step += 1
         self.images_seen += (self.config.train.fake_updates + 1) * accum * self.config.train.batch_size * self.engine.world_size
-        distance = sum(float(v) for v in self._teacher_fake_mse) / len(self._teacher_fake_mse) if self._teacher_fake_mse else None
+        distance = torch.stack(self._teacher_fake_mse).mean() if self._teacher_fake_mse else None
         return StepStats(self.step, steps_run, fake_total, gen_total, stats_fake.get("grad_norm"), stats_gen.get("grad_norm"),
                          distance, ",".join(skipped) or None)
 
@@ -294,15 +337,18 @@ class SiDTrainer:
         self._evaluated = self.images_seen // self.config.eval.every_images if self.config.eval.every_images else 0
         self.flops.take()
         while self.step < total:
-            stats = self.train_step()
+            stats = self._train_step()  # scalars stay on the device: no host sync until the log line
             if bar is not None:
                 bar.update(1)
-                post = {"fake": f"{stats.loss_fake:.4g}", "K'": stats.steps_run}
-                if stats.loss_generator is not None:
-                    post["gen"] = f"{stats.loss_generator:.4g}"
-                post["img/s"] = f"{(self.images_seen - window_images) / max(time.perf_counter() - window_start, 1e-9):.0f}"
-                bar.set_postfix(post, refresh=False)
             if self.step % train.log_every == 0 or self.step == total:
+                self.guard.flush()  # deferred NaN/inf checks of the window: raises naming the first bad step
+                stats = stats.resolved()
+                if bar is not None:
+                    post = {"fake": f"{stats.loss_fake:.4g}", "K'": stats.steps_run}
+                    if stats.loss_generator is not None:
+                        post["gen"] = f"{stats.loss_generator:.4g}"
+                    post["img/s"] = f"{(self.images_seen - window_images) / max(time.perf_counter() - window_start, 1e-9):.0f}"
+                    bar.set_postfix(post, refresh=False)
                 elapsed = time.perf_counter() - window_start
                 record = {k: v for k, v in vars(stats).items() if v is not None}
                 record["images_seen"] = self.images_seen
@@ -313,11 +359,14 @@ class SiDTrainer:
                 self._log(record)
                 window_start, window_images = time.perf_counter(), self.images_seen
             if train.ckpt_every and self.step % train.ckpt_every == 0 and self.step < total:
+                self.guard.flush()  # never checkpoint weights past a non-finite step
                 self.save()
             every = self.config.eval.every_images
             if self.evaluator is not None and every and self.images_seen // every > self._evaluated:
+                self.guard.flush()
                 self._evaluated = self.images_seen // every
                 self._log({"step": self.step, "images_seen": self.images_seen, **self.evaluator.evaluate(self)})
+        self.guard.flush()
         if bar is not None:
             bar.close()
         if self.sinks is not None:

@@ -190,7 +190,7 @@ def test_real_latents_are_noised_with_the_fake_batch_noise_and_time():
     real_logits, fake_logits = trainer.last_logits
     assert torch.equal(real_logits, fake_logits) and torch.isfinite(loss)
     loss_d = discriminator_loss(real_logits, fake_logits, 2).mean()
-    assert trainer.last_terms["loss_d"] == pytest.approx(float(loss_d), rel=1e-6)
+    assert float(trainer.last_terms["loss_d"]) == pytest.approx(float(loss_d), rel=1e-6)
     assert not torch.equal(echo.batch["x_t"], echo.batch["x_g"])  # x_t really is noised
 
 

@@ -55,7 +55,7 @@ def _weights(module):
 
 
 def test_nan_in_teacher_output_stops_naming_step_network_tensor(tmp_path):
-    trainer = _trainer(tmp_path, "health.on_nonfinite=stop", "health.tensorboard=false")
+    trainer = _trainer(tmp_path, "health.on_nonfinite=stop", "health.tensorboard=false", "health.defer_checks=false")
     for _ in range(BAD_STEP):
         trainer.train_step()
     before = _weights(trainer.engine.generator)
@@ -65,6 +65,20 @@ def test_nan_in_teacher_output_stops_naming_step_network_tensor(tmp_path):
     assert f"step {BAD_STEP}" in message and "teacher" in message and "velocity" in message and "NaN" in message
     after = trainer.engine.generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the bad update was applied"
+
+
+def test_deferred_checks_stop_at_the_next_read_naming_the_first_bad_step_and_save_nothing_past_it(tmp_path):
+    """health.defer_checks (the default): no host sync per step; the NaN of step 2 is found at the next read (the
+    checkpoint after it), reported with its own step, and no checkpoint holds weights trained past it."""
+    trainer = _trainer(tmp_path, "health.on_nonfinite=stop", "health.tensorboard=false", "train.log_every=10",
+                       "train.ckpt_every=1", "train.iterations=6")
+    with pytest.raises(NonFiniteError) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert message.startswith(f"step {BAD_STEP}: ") and "teacher" in message and "guided velocity" in message
+    assert "1 NaN" in message and f"after step {BAD_STEP}" in message
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{BAD_STEP - 1:08d}", f"step-{BAD_STEP:08d}"], saved  # step-3 would hold the NaN update
 
 
 def test_nan_in_teacher_output_skips_that_update_and_continues(tmp_path, caplog):

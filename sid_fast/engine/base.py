@@ -81,8 +81,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         decay = self.current_decay()
-        for name, p in module.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1 - decay)
+        named = list(module.named_parameters())
+        # one multi-tensor lerp over all parameters (a kernel launch per parameter group, not per parameter)
+        torch._foreach_lerp_([self.shadow[name] for name, _ in named], [p.detach().float() for _, p in named], 1 - decay)
         self.updates += 1
 
     @torch.no_grad()

@@ -28,11 +28,21 @@ def build_engine(config: SiDConfig, bundle, fake_score: nn.Module | None = None,
 
             # the fake score shares the frozen teacher's weights and trains LoRA adapters only
             fake_score = make_lora_fake_score(bundle.teacher.requires_grad_(False), config.teacher.fake_lora_rank)
+    frozen = config.teacher.frozen_dtype
+    if frozen and frozen != config.teacher.dtype:  # after the students were copied from it
+        if config.engine.kind == "deepspeed":
+            raise ValueError("config field teacher.frozen_dtype: the DeepSpeed engine holds all three networks in "
+                             "one dtype (engine.bf16=true keeps the teacher in bf16 without fp32 masters); leave "
+                             "teacher.frozen_dtype empty with engine.kind=deepspeed")
+        bundle.teacher.to(getattr(torch, frozen))
     if config.engine.kind == "local":
         from sid_fast.engine.local import LocalEngine
 
+        checkpointed = ()
+        if config.engine.activation_checkpointing:
+            checkpointed = tuple(n.strip() for n in config.engine.checkpoint_networks.split(",") if n.strip())
         return LocalEngine(bundle.teacher, fake_score, generator, config.optim, grad_accum=config.train.grad_accum,
-                           ema_decay=config.train.ema_decay, device=config.train.device)
+                           ema_decay=config.train.ema_decay, device=config.train.device, checkpointed=checkpointed)
     from sid_fast.engine.zero3 import DeepSpeedEngine
 
     return DeepSpeedEngine(bundle.teacher, fake_score, generator, config.optim, config.train, config.engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -16,14 +17,34 @@ from sid_fast.engine.base import EMA, TRAINABLE, requires_grad_off
 __all__ = ["LocalEngine"]
 
 
-def _adam(module: nn.Module, lr: float, optim: OptimConfig) -> torch.optim.Adam:
+def adam_kwargs(implementation: str, device: torch.device) -> dict:
+    """torch.optim.Adam's implementation switch for optim.implementation (auto: fused on CUDA, foreach elsewhere)."""
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}[implementation]
+
+
+def _adam(module: nn.Module, lr: float, optim: OptimConfig, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(
         [p for p in module.parameters() if p.requires_grad],
         lr=lr,
         betas=(float(optim.beta1), float(optim.beta2)),
         eps=optim.eps,
         weight_decay=optim.weight_decay,
+        **adam_kwargs(optim.implementation, device),
     )
+
+
+def enable_activation_checkpointing(module: nn.Module, name: str, function=None) -> None:
+    """Switch on block recomputation in the diffusers model inside network `name` (`function`: the checkpoint
+    function; None: diffusers' default, torch's non-reentrant checkpoint)."""
+    for sub in module.modules():
+        if hasattr(sub, "enable_gradient_checkpointing"):
+            sub.enable_gradient_checkpointing(gradient_checkpointing_func=function)
+            return
+    raise ValueError(f"config field engine.activation_checkpointing: the {name} ({type(module).__name__}) has no "
+                     "`enable_gradient_checkpointing`; switch it off for this model or leave it out of "
+                     "engine.checkpoint_networks")
 
 
 def _contiguous_state(module: nn.Module) -> dict[str, Tensor]:
@@ -34,23 +55,29 @@ class LocalEngine:
     """Holds teacher, fake score and generator on one device.
 
     The teacher is frozen (requires_grad off, eval mode). `grad_accum` micro-batches make one update;
-    the loss of each micro-batch is divided by `grad_accum` in `backward`.
+    the loss of each micro-batch is divided by `grad_accum` in `backward`. `checkpointed`: networks whose blocks
+    recompute their activations in backward (diffusers models; engine.activation_checkpointing).
     """
 
     rank = 0
     world_size = 1
 
     def __init__(self, teacher: nn.Module, fake_score: nn.Module, generator: nn.Module, optim: OptimConfig,
-                 grad_accum: int = 1, ema_decay: float = 0.0, device: str | torch.device = "cpu"):
+                 grad_accum: int = 1, ema_decay: float = 0.0, device: str | torch.device = "cpu",
+                 checkpointed: tuple[str, ...] = ()):
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.fake_score = fake_score.to(self.device).train()
         self.generator = generator.to(self.device).train()
+        for name in checkpointed:
+            enable_activation_checkpointing(self.network(name), name)
+        self.checkpointed = tuple(checkpointed)
+        self._frozen_until_backward: dict[str, list] = {}
         self.optim_config = optim
         self.grad_accum = grad_accum
         self.optimizers = {
-            "fake_score": _adam(self.fake_score, optim.lr_fake, optim),
-            "generator": _adam(self.generator, optim.lr_generator, optim),
+            "fake_score": _adam(self.fake_score, optim.lr_fake, optim, self.device),
+            "generator": _adam(self.generator, optim.lr_generator, optim, self.device),
         }
         self.micro_steps = {name: 0 for name in TRAINABLE}
         self.updates = {name: 0 for name in TRAINABLE}
@@ -64,6 +91,10 @@ class LocalEngine:
 
     def backward(self, name: str, loss: Tensor) -> None:
         (loss / self.grad_accum).backward()
+        for flags in self._frozen_until_backward.values():  # recomputed blocks ran frozen: now unfreeze
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        self._frozen_until_backward.clear()
 
     def step(self, name: str) -> dict:
         self.micro_steps[name] += 1
@@ -72,14 +103,28 @@ class LocalEngine:
         module, optimizer = self.network(name), self.optimizers[name]
         params = [p for p in module.parameters() if p.grad is not None]
         clip = self.optim_config.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))  # foreach, no host sync
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.updates[name] += 1
-        return {"grad_norm": float(norm)}
+        return {"grad_norm": norm.detach()}  # a device scalar; the trainer reads it with the log line
 
+    @contextlib.contextmanager
     def frozen(self, name: str):
-        return requires_grad_off(self.network(name))
+        """No weight gradients for `name` (input gradients flow, §3). A checkpointed network recomputes its
+        blocks inside the next backward, so it stays frozen until that backward completes (the recomputation
+        must save what the frozen forward saved)."""
+        if name not in self.checkpointed:
+            with requires_grad_off(self.network(name)):
+                yield
+            return
+        flags = [(p, p.requires_grad) for p in self.network(name).parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self._frozen_until_backward.setdefault(name, flags)
 
     def ema_update(self) -> None:
         if self.ema is not None:

@@ -52,15 +52,22 @@ class Conditioning:
         """Apply `fn` to every tensor field and return a new Conditioning."""
         return replace(self, **{name: fn(value) for name, value in self.tensors().items()})
 
-    def to(self, device=None, dtype=None) -> Conditioning:
-        """Move to `device`; floating-point fields also cast to `dtype` when given."""
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> Conditioning:
+        """Move to `device`; floating-point fields also cast to `dtype` when given. `non_blocking` copies CPU
+        tensors to an accelerator through pinned memory without waiting for the device (no host sync)."""
 
         def move(value: Tensor) -> Tensor:
+            if non_blocking and value.device.type == "cpu" and torch.device(device).type == "cuda":
+                value = value.pin_memory()
             if dtype is not None and value.is_floating_point():
-                return value.to(device=device, dtype=dtype)
-            return value.to(device=device)
+                return value.to(device=device, dtype=dtype, non_blocking=non_blocking)
+            return value.to(device=device, non_blocking=non_blocking)
 
         return self.map(move)
+
+    def nbytes(self) -> int:
+        """Bytes of all tensor fields."""
+        return sum(v.numel() * v.element_size() for v in self.tensors().values())
 
     def __getitem__(self, index) -> Conditioning:
         return self.map(lambda value: value[index])
