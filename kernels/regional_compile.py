@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import torch
 from torch import nn
 
 log = logging.getLogger("sid_fast.kernels")

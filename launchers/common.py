@@ -73,7 +73,7 @@ def main(preset: str, plan_spec, argv: list[str] | None = None, base_yaml: Path 
     if args.dry_run:
         dry_run(config, plan_spec, args)
         return 0
-    from sid_fast.engine.build import run_training
+    from sid_fast.composition import run_training
 
     run_training(config)
     return 0

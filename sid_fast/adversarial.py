@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from sid_fast.flow import interpolate
 from sid_fast.losses import loss_weight
 from sid_fast.losses_adv import adversarial_generator_loss, discriminator_loss
+from sid_fast.models.mixture import MixtureRealData  # noqa: F401  (re-exported: its home moved to the family)
 from sid_fast.models.protocol import Conditioning
 from sid_fast.trainer import SiDTrainer
 
@@ -80,28 +81,6 @@ def discriminator_logits(model: nn.Module, x_t: Tensor, t: Tensor, cond: Conditi
 
 
 # ---------------------------------------------------------------- real data
-
-
-class MixtureRealData:
-    """Real samples from an exact mixture (§9) with their labels: the toy stand-in for image shards.
-
-    `sample_with_latents(batch)` -> (x0 (B, d), Conditioning(labels)), as `ShardConditions` gives for images.
-    """
-
-    def __init__(self, mixture, conditions, seed: int = 0):
-        self.mixture, self.conditions = mixture, conditions
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def sample_with_latents(self, batch_size: int) -> tuple[Tensor, Conditioning]:
-        cond = self.conditions.sample(batch_size, self.rng)
-        return self.mixture.sample(batch_size, cond.labels, generator=self.rng).float(), cond
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.get_state().tolist()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
 
 
 def load_generator_weights(path: str | Path) -> dict[str, Tensor]:

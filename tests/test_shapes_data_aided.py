@@ -85,7 +85,7 @@ def _distill_config(world, out: Path, iterations: int, extra=()):
 
 
 def test_distill_with_adversarial_on_shapes_runs_end_to_end_and_resumes(world, tmp_path):
-    from sid_fast.engine.build import run_training
+    from sid_fast.composition import run_training
 
     out = tmp_path / "run"
     path = run_training(_distill_config(world, out, 4))
@@ -114,7 +114,7 @@ def test_distill_with_adversarial_on_shapes_runs_end_to_end_and_resumes(world, t
 
 
 def test_data_aided_on_shapes_without_captions_names_the_field(world, tmp_path):
-    from sid_fast.engine.build import run_training
+    from sid_fast.composition import run_training
 
     config = load_config(None, ["teacher.kind=shapes", f"teacher.path={world['teacher']}", "train.iterations=1",
                                 f"train.out_dir={tmp_path}", "adversarial.enabled=true"])

@@ -3,7 +3,7 @@ budget of continued data-free SiD does?
 
 From one start (--init: a data-free generator) and one teacher, two runs of --iterations iterations with the same
 config (sid_fast/presets/shapes_sid.yaml + --set), the same seeds and the same generator warm-up:
-  (a) SiD²ₐ: `sid-fast distill`'s path (engine.build.run_training, adversarial.enabled=true): real images rendered
+  (a) SiD²ₐ: `sid-fast distill`'s path (sid_fast.composition.run_training, adversarial.enabled=true): real images rendered
       for the prompt shards' captions (sid_fast.shapes.real.ShapesRealData), the fake network as discriminator;
   (b) continued data-free SiD: the plain SiD trainer with the generator started from --init and the fake network
       a fresh teacher copy, as in (a); its generator waits the same number of iterations (train.fake_warmup_iters).
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sid_fast.config import load_config
     from sid_fast.demo import shapes as demo
     from sid_fast.encoders.minilm import MiniLMEncoder
-    from sid_fast.engine.build import run_training
+    from sid_fast.composition import run_training
     from sid_fast.models.sd3 import SD3Adapter
     from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer
     from sid_fast.shapes.evaluate import generator_samples

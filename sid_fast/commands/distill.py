@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from sid_fast.engine.build import run_training
+    from sid_fast.composition import run_training
 
     config = load_config(args.config, args.overrides)
     if args.print_config:

@@ -1,6 +1,6 @@
 """From the config to an in-loop evaluator: `build_evaluator(config, conditions, sample_shape)` (docs/evaluation.md).
 
-`sid-fast distill` (engine.build.run_training) and `sid_fast.distill` call it when `eval.every_images > 0`.
+`sid-fast distill` (sid_fast.composition.run_training) and `sid_fast.distill` call it when `eval.every_images > 0`.
 
 - Prompt set (`eval_prompt_set`): the first `eval.num_samples` prompts, fixed, cycled when there are fewer: the
   records of `data.shards` in shard order (manifest order, tar order; not the training shuffle), else the encoded

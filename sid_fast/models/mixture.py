@@ -161,3 +161,25 @@ class LabelConditions:
 
     def load_state_dict(self, state: dict) -> None:
         return None
+
+
+class MixtureRealData:
+    """Real samples from an exact mixture (§9) with their labels: the toy stand-in for image shards.
+
+    `sample_with_latents(batch)` -> (x0 (B, d), Conditioning(labels)), as `ShardConditions` gives for images.
+    """
+
+    def __init__(self, mixture, conditions, seed: int = 0):
+        self.mixture, self.conditions = mixture, conditions
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def sample_with_latents(self, batch_size: int) -> tuple[Tensor, Conditioning]:
+        cond = self.conditions.sample(batch_size, self.rng)
+        return self.mixture.sample(batch_size, cond.labels, generator=self.rng).float(), cond
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))

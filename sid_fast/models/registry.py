@@ -25,6 +25,10 @@ class TeacherBundle:
     """Per-sample latent shape."""
     reference: object | None = None
     """Optional ground truth for evaluation (e.g. the exact mixture)."""
+    real_data: Callable | None = None
+    """The family's own real data for SiD²ₐ (§5): `(conditions, seed) -> source` with `sample_with_latents(batch)`
+    (ShapesWorld renders scenes for the captions, the exact mixture samples itself); None: image shards
+    (`sid-fast prepare images`, data.shards) are the real data."""
 
 
 _FAMILIES: dict[str, Callable] = {}

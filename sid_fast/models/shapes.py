@@ -128,7 +128,15 @@ def build_shapes_teacher(config) -> TeacherBundle:
         prompts = read_prompts(config.prompts)
         conditions = EmbeddingConditions(encoder.encode_all(prompts), encoder.unconditional(), prompts)
         encoder.release()
-    return TeacherBundle(SD3Adapter(transformer), None, conditions, (int(transformer.config.in_channels), side, side))
+    return TeacherBundle(SD3Adapter(transformer), None, conditions, (int(transformer.config.in_channels), side, side),
+                         real_data=lambda conditions, seed: _rendered_scenes(conditions, side, seed))
+
+
+def _rendered_scenes(conditions, resolution: int, seed: int):
+    """SiD²ₐ's real data on ShapesWorld: scenes rendered for the prompt shards' captions (pixel space)."""
+    from sid_fast.shapes.real import ShapesRealData
+
+    return ShapesRealData.from_conditions(conditions, resolution=resolution, seed=seed)
 
 
 register_family("shapes", build_shapes_teacher)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from sid_fast.models.mixture import LabelConditions, MixtureTeacher, random_mixture, ring_mixture
+from sid_fast.models.mixture import LabelConditions, MixtureRealData, MixtureTeacher, random_mixture, ring_mixture
 from sid_fast.models.mlp import VelocityMLP
 from sid_fast.models.registry import TeacherBundle, register_family
 from sid_fast.pretrain import fit_flow_matching
@@ -45,7 +45,8 @@ def build_mixture(config) -> TeacherBundle:
     spec = PRESETS[preset]
     mixture = spec["make"]()
     student = make_student(mixture, spec["classes"])
-    return TeacherBundle(MixtureTeacher(mixture), student, LabelConditions(spec["classes"]), (mixture.dim,), reference=mixture)
+    return TeacherBundle(MixtureTeacher(mixture), student, LabelConditions(spec["classes"]), (mixture.dim,), reference=mixture,
+                         real_data=lambda conditions, seed: MixtureRealData(mixture, conditions, seed=seed))
 
 
 register_family("mixture", build_mixture)
