@@ -1,8 +1,10 @@
 """The fused fake-score loss (forward + backward, §3) per provider: eager PyTorch (`torch`), `compile`
-(torch.compile of the reference), `cpp` (csrc/, OpenMP) and `triton` (CUDA only; the interpreter is not timed).
+(the registry's backend: torch.compile of the reference), `cpp` (csrc/, OpenMP) and `triton` (CUDA only; the
+interpreter is not timed).
 
     ./run bench -k fake_score_loss                      (pytest-benchmark, one row per provider)
     python benchmarks/bench_fake_score_loss.py          (all providers in one run: ratios + CSV rows)
+    python benchmarks/bench_sid_generator_loss.py --auto   (both loss ops, fp32 and bf16, in one run)
 """
 
 import sys

@@ -3,7 +3,11 @@ summed per sample, and one backward pass for every tensor input.
 
 Per element r = u + κ1 (c − u) − (ε − x_g), loss_b = Σ r²  (fp32 accumulation). With g_r = 2 grad_b r:
     ∂/∂u = g_r − κ1 g_r,  ∂/∂c = κ1 g_r,  ∂/∂x_g = g_r,  ∂/∂ε = −g_r.
-Grid: (B, ⌈N/BLOCK⌉) programs; per-sample sums go through a (B, blocks) fp32 buffer (deterministic).
+Launches: forward = the main kernel on a (B, ⌈N/BLOCK⌉) grid writing per-program partial sums into a (B, blocks)
+fp32 buffer, then the generator loss's `_finish_kernel` summing them per sample in a fixed order (deterministic);
+backward = one kernel (no reduction). Bytes each direction must move (B samples of N elements, element size e):
+    forward:  read 4·B·N·e (u, c, x_g, ε); write 4·B (the loss)
+    backward: read 4·B·N·e + 4·B (grad); write 4·B·N·e (the four gradients)
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sid_fast.kernels.sid_generator_loss import LAUNCH, finish
 from sid_fast.losses import cfg_fake_score_loss as cfg_fake_score_loss_ref  # the specification
 
-__all__ = ["cfg_fake_score_loss_ref", "forward", "backward"]
+__all__ = ["LAUNCH", "cfg_fake_score_loss_ref", "forward", "backward"]
 
 
 @triton.jit
@@ -52,7 +57,7 @@ def _cfg_fake_score_loss_bwd_kernel(vu_ptr, vc_ptr, x_g_ptr, noise_ptr, grad_ptr
     offsets = block * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_per_sample
     base = sample.to(tl.int64) * n_per_sample
-    grad = tl.load(grad_ptr + sample)
+    grad = tl.load(grad_ptr + sample).to(tl.float32)
     velocity_uncond = tl.load(vu_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     velocity_cond = tl.load(vc_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     x_g = tl.load(x_g_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +77,7 @@ def _grad_buffer(like: Tensor) -> Tensor:
 
 
 def _block(n_per_sample: int) -> int:
-    return min(2048, triton.next_power_of_2(n_per_sample))
+    return min(LAUNCH["block"], triton.next_power_of_2(n_per_sample))
 
 
 def forward(velocity_uncond: Tensor, velocity_cond: Tensor, scale: float, x_g: Tensor, noise: Tensor) -> Tensor:
@@ -81,9 +86,10 @@ def forward(velocity_uncond: Tensor, velocity_cond: Tensor, scale: float, x_g: T
     block = _block(n)
     n_blocks = triton.cdiv(n, block)
     tensors = [v.contiguous() for v in (velocity_uncond, velocity_cond, x_g, noise)]
-    partial = torch.empty(batch, n_blocks, dtype=torch.float32, device=x_g.device)
-    _cfg_fake_score_loss_fwd_kernel[(batch, n_blocks)](*tensors, partial, n, n_blocks, float(scale), BLOCK=block)
-    return partial.sum(dim=1)
+    partial = torch.empty(1, batch, n_blocks, dtype=torch.float32, device=x_g.device)
+    _cfg_fake_score_loss_fwd_kernel[(batch, n_blocks)](*tensors, partial, n, n_blocks, float(scale), BLOCK=block,
+                                                       num_warps=LAUNCH["num_warps"])
+    return finish(partial, None, 1.0)[0]
 
 
 def backward(grad: Tensor, velocity_uncond: Tensor, velocity_cond: Tensor, scale: float, x_g: Tensor,
@@ -93,6 +99,7 @@ def backward(grad: Tensor, velocity_uncond: Tensor, velocity_cond: Tensor, scale
     block = _block(n)
     tensors = [v.contiguous() for v in (velocity_uncond, velocity_cond, x_g, noise)]
     grads = [_grad_buffer(v) for v in tensors]
-    _cfg_fake_score_loss_bwd_kernel[(batch, triton.cdiv(n, block))](*tensors, grad.float().contiguous(), *grads, n,
-                                                                     float(scale), BLOCK=block)
+    _cfg_fake_score_loss_bwd_kernel[(batch, triton.cdiv(n, block))](*tensors, grad.contiguous(), *grads, n,
+                                                                     float(scale), BLOCK=block,
+                                                                     num_warps=LAUNCH["num_warps"])
     return tuple(g.to(v.dtype) for g, v in zip(grads, tensors))

@@ -278,7 +278,8 @@ class DataConfig:
 @dataclass
 class KernelConfig:
     loss_backend: str = "torch"
-    """Backend of the fused SiD loss ops (`sid_fast.kernels`): torch (the reference), triton, cpp or a registered one."""
+    """Backend of the fused SiD loss ops (`sid_fast.kernels`): torch (the reference), compile (torch.compile of it),
+    triton, cpp, a registered one, or auto (the fastest measured for the device and dtype; docs/kernels.md)."""
     attention: str = "auto"
     """Attention of diffusers networks: auto (flash-attn 3/2, then xformers, on CUDA; else SDPA), native, flash, flash_3 or xformers."""
     block_backend: str = "torch"

@@ -22,7 +22,7 @@ from sid_fast.health import CollapseMonitor, FlopCounter, LogSinks, NonFiniteErr
 from sid_fast.kernels import cfg_fake_score_loss, cfg_sid_generator_loss
 from sid_fast.kernels.attention import apply_attention_backend
 from sid_fast.kernels.blocks import apply_block_kernels
-from sid_fast.kernels.ops import check_loss_backend, guided_velocity_split
+from sid_fast.kernels.ops import check_loss_backend, guided_velocity_split, resolve_loss_backend
 from sid_fast.losses import fake_score_loss, loss_weight, sid_generator_loss
 from sid_fast.models.protocol import ConditionSource
 from sid_fast.sampler import few_step_sample
@@ -96,6 +96,8 @@ class SiDTrainer:
         self._teacher_fake_mse: list[Tensor] = []
         self._uncond = None
         check_loss_backend(config.kernels.loss_backend)
+        self.loss_backend = resolve_loss_backend(config.kernels.loss_backend, self.device, self._velocity_dtype())
+        """The fused-loss backend in use (kernels.loss_backend, `auto` resolved for this device and dtype)."""
         apply_attention_backend([engine.teacher, engine.fake_score, engine.generator], config.kernels.attention)
         apply_block_kernels([engine.teacher, engine.fake_score, engine.generator], config.kernels.block_backend)
         if config.kernels.compile:  # after the kernels and processors are in place: they are part of the graph
@@ -103,6 +105,12 @@ class SiDTrainer:
 
             compile_regions({"teacher": engine.teacher, "fake_score": engine.fake_score, "generator": engine.generator},
                             config.kernels.compile_mode, config.kernels.compile_backend)
+
+    def _velocity_dtype(self) -> torch.dtype:
+        """The dtype of the networks' outputs that the losses read: the autocast dtype, else the fake score's."""
+        if self.config.train.autocast != "off":
+            return getattr(torch, self.config.train.autocast)
+        return next((p.dtype for p in self.engine.fake_score.parameters()), torch.float32)
 
     # ------------------------------------------------------------------ random draws
 
@@ -151,7 +159,7 @@ class SiDTrainer:
         return self._fake_score_loss_on(**self._fake_batch(steps_run))
 
     def _fake_score_loss_on(self, cond, uncond, x_g: Tensor, noise: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
-        kappa, backend = self.config.method.kappa_fake_loss, self.config.kernels.loss_backend
+        kappa, backend = self.config.method.kappa_fake_loss, self.loss_backend
         if backend != "torch":  # fused op (sid_fast.kernels): the CFG combination happens inside the kernel
             velocity_uncond, velocity_cond, kappa = guided_velocity_split(self.engine.fake_score, x_t, t, cond, uncond, kappa)
             self.guard.watch(velocity_cond, "fake_score", "conditional velocity")
@@ -174,7 +182,7 @@ class SiDTrainer:
 
     def _sid_generator_loss_on(self, cond, uncond, x_g: Tensor, noise: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
         method = self.config.method
-        if self.config.kernels.loss_backend != "torch":
+        if self.loss_backend != "torch":
             return self._fused_generator_loss(x_t, t, x_g, cond, uncond)
         with self.engine.frozen("fake_score"):
             velocity_teacher = guided_velocity(self.engine.teacher, x_t, t, cond, uncond, method.kappa_teacher)
@@ -199,7 +207,7 @@ class SiDTrainer:
             x0_teacher = velocity_to_x0(x_t, t, combine_cfg(teacher_u.float(), teacher_c.float(), kappa_teacher))
         weight = loss_weight(method.weighting, t, x_g=x_g, x0_teacher=x0_teacher)
         loss = cfg_sid_generator_loss(x_t, t, x_g, teacher_u, teacher_c, fake_u, fake_c, kappa_teacher, kappa_fake,
-                                      weight, method.alpha, method.loss_scale, backend=self.config.kernels.loss_backend)
+                                      weight, method.alpha, method.loss_scale, backend=self.loss_backend)
         return loss.mean()
 
     def _watch_pair(self, velocity_teacher: Tensor, velocity_fake: Tensor) -> None:

@@ -146,3 +146,12 @@ def test_activation_checkpointing_per_network_keeps_losses_and_freezes_the_fake_
 def test_checkpoint_networks_names_are_checked():
     with pytest.raises(ValueError, match="engine.checkpoint_networks"):
         load_config(None, ["engine.checkpoint_networks=teacher,student"])
+
+
+def test_auto_loss_backend_resolves_for_the_device_and_runs(tmp_path):
+    from sid_fast.kernels import backends
+
+    trainer = _trainer(tmp_path, "sd3", "kernels.loss_backend=auto")
+    assert trainer.loss_backend != "auto" and trainer.loss_backend in backends("cfg_sid_generator_loss")
+    stats = trainer.train_step()
+    assert torch.isfinite(torch.tensor([stats.loss_fake, stats.loss_generator])).all()

@@ -37,3 +37,24 @@ def test_cpp_is_registered_for_both_ops():
     for op in LOSS_OPS:
         assert "cpp" in kernels.backends(op)
         assert cpp.devices()[0] == "cpu"
+
+
+def test_cpp_bf16_stores_round_like_torch():
+    """The C++ loops round fp32 -> bf16 themselves (to vectorise): bit-equal to torch's rounding, overflow to inf
+    included, NaN kept NaN. With κ1 = 0 and x_g = ε = 0 the x_g and ε gradients are ±(2·grad_b)·u, one fp32
+    product that torch computes the same, so any difference is the rounding."""
+    gen = torch.Generator().manual_seed(3)
+    vu = (torch.randn(3, 4111, generator=gen) * 4).bfloat16()
+    vc = torch.randn(3, 4111, generator=gen).bfloat16()
+    zero = torch.zeros_like(vu)
+    vu[0, 5] = float("nan")
+    vu[1, 7] = 3e38  # the gradient overflows to inf
+    grad = torch.randn(3, generator=gen) + 2
+    got = torch.ops.sid_fast_cpp.fake_backward(vu, vc, zero, zero, grad, 0.0)
+    product = (2 * grad)[:, None] * vu.float()
+    for g, want in ((got[2], product), (got[3], -product)):
+        want = want.to(torch.bfloat16)
+        assert g.dtype == torch.bfloat16 and torch.equal(g.isnan(), want.isnan()) and g[0, 5].isnan()
+        finite = ~want.isnan()
+        assert torch.equal(g[finite].view(torch.int16), want[finite].view(torch.int16))
+        assert g[1, 7].isinf()

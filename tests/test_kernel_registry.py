@@ -101,4 +101,4 @@ def test_cli_bench_times_every_provider(tmp_path, capsys):
 def test_cli_runs_as_a_command():
     out = subprocess.run([sys.executable, "-m", "sid_fast.cli", "kernels", "list"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0 and "cfg_sid_generator_loss: torch, cpp, triton" in out.stdout
+    assert out.returncode == 0 and "cfg_sid_generator_loss: torch, compile, cpp, triton" in out.stdout

@@ -38,6 +38,18 @@ def test_multi_block_partial_sums():
     assert all(r.status == "pass" for r in results), conformance.report(results)
 
 
+@pytest.mark.parametrize("op", ["cfg_sid_generator_loss", "cfg_fake_score_loss"])
+def test_finish_kernel_loops_over_many_partials(op, monkeypatch):
+    """17 programs of 256 elements per sample (2 x 4111), summed 4 partials per step of the finishing loop with a
+    ragged last step: the path a large latent takes (more than 1024 programs per sample at the default sizes)."""
+    from sid_fast.kernels import sid_generator_loss as module
+
+    monkeypatch.setitem(module.LAUNCH, "block", 256)
+    monkeypatch.setitem(module.LAUNCH, "finish_block", 4)
+    results = conformance.check_case(op, "triton", (2, 4111), torch.float32)
+    assert all(r.status == "pass" for r in results), conformance.report(results)
+
+
 def test_compile_sees_one_op():
     """torch.compile(fullgraph=True) traces through the custom op (fake impl + registered autograd)."""
     args = conformance.make_inputs(OP, (2, 3, 5), torch.float32)
