@@ -146,7 +146,7 @@ class OptimConfig:
     """Clip gradient norm to this value; 0 disables clipping."""
     implementation: str = "auto"
     """Adam of the local engine: `fused` (one kernel for all parameters, CUDA), `foreach` (multi-tensor ops),
-    `single` (a loop over parameters) or `auto` (fused on CUDA, foreach elsewhere)."""
+    `single` (a loop over parameters) or `auto` (fused on CUDA, single elsewhere: torch's CPU default)."""
 
     def __post_init__(self) -> None:
         for name in ("lr_generator", "lr_fake"):

@@ -18,9 +18,10 @@ __all__ = ["LocalEngine"]
 
 
 def adam_kwargs(implementation: str, device: torch.device) -> dict:
-    """torch.optim.Adam's implementation switch for optim.implementation (auto: fused on CUDA, foreach elsewhere)."""
+    """torch.optim.Adam's implementation switch for optim.implementation (auto: fused on CUDA, else the per-parameter
+    loop, torch's own CPU default, which keeps CPU runs bit-identical to earlier versions)."""
     if implementation == "auto":
-        implementation = "fused" if device.type == "cuda" else "foreach"
+        implementation = "fused" if device.type == "cuda" else "single"
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}[implementation]
 
 
