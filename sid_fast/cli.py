@@ -19,8 +19,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`sid-fast plan: error: argument --teacher: invalid choice ...`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sid-fast", description="Score identity Distillation of flow-matching transformers.")
+    parser = OneLineParser(prog="sid-fast", description="Score identity Distillation of flow-matching transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -38,17 +45,32 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    command_parser = argparse.ArgumentParser(prog=f"sid-fast {name}", description=help_text)
+    command_parser = OneLineParser(prog=f"sid-fast {name}", description=help_text)
     module.add_arguments(command_parser)
     args, extra = command_parser.parse_known_args(argv[1:])
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
     bad = [item for item in args.overrides if "=" not in item]
     if bad:
         command_parser.error(f"unrecognised arguments {bad}; config overrides look like --section.field=value")
+    return run_command(name, module.run, args)
+
+
+def run_command(name: str, run, args) -> int:
+    """`run(args)`, with what the user can fix told apart from bugs (sid_fast/errors.py, docs/reliability.md):
+    a user error prints ONE line, `sid-fast NAME: error: <thing>: <what is wrong>`, and returns 2; a lost rank of a
+    distributed run one line naming it, and 1; any other exception is a bug and propagates with its traceback."""
+    from sid_fast.errors import is_user_error, lost_rank_error, one_line
+
     try:
-        return int(module.run(args) or 0)
-    except ValueError as error:  # configuration and input errors: one clear line, no traceback
-        print(f"sid-fast {name}: error: {error}", file=sys.stderr)
+        return int(run(args) or 0)
+    except Exception as error:
+        lost = lost_rank_error(error)
+        if lost is not None:
+            print(f"sid-fast {name}: error: {one_line(lost)}", file=sys.stderr)
+            return 1
+        if not is_user_error(error):
+            raise
+        print(f"sid-fast {name}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

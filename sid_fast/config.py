@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from sid_fast.errors import ConfigError
 from sid_fast.flow import TIME_SCHEMES
 from sid_fast.losses import WEIGHTINGS
 from sid_fast.sampler import NOISE_MODES
@@ -21,7 +22,7 @@ from sid_fast.sampler import NOISE_MODES
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"config field {name}: {message}")
+        raise ConfigError(f"config field {name}: {message}")
 
 
 @dataclass
@@ -440,7 +441,7 @@ def _coerce(value, annotation, name: str):
     if value is None:
         if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) < len(typing.get_args(annotation)):
             return None
-        raise ValueError(f"config field {name}: may not be null")
+        raise ConfigError(f"config field {name}: may not be null")
     if origin is not None and args:
         annotation = args[0]
     if annotation is bool:
@@ -451,26 +452,26 @@ def _coerce(value, annotation, name: str):
                 return False
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config field {name}: expected a boolean, got {value!r}")
+        raise ConfigError(f"config field {name}: expected a boolean, got {value!r}")
     if annotation in (int, float, str):
         if annotation is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"config field {name}: expected an integer, got {value!r}")
+            raise ConfigError(f"config field {name}: expected an integer, got {value!r}")
         try:
             return annotation(value)
         except (TypeError, ValueError):
-            raise ValueError(f"config field {name}: expected {annotation.__name__}, got {value!r}") from None
+            raise ConfigError(f"config field {name}: expected {annotation.__name__}, got {value!r}") from None
     return value
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a (nested) dict, rejecting unknown keys by name."""
     if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(prefix + u for u in unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown config field(s) {sorted(prefix + u for u in unknown)}; known: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
         annotation = hints[name]
@@ -494,7 +495,7 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
         node = nested
@@ -511,7 +512,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         data = merge(data, loaded)
     data = merge(data, parse_overrides(overrides or []))

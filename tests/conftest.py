@@ -16,3 +16,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def quiet_libraries():
+    """Library loggers (diffusers' prompt truncation, transformers' notices) off for a test that reads stderr: their
+    lines are not sid_fast's, and their handlers may hold the stream of an earlier test's capture (a "Logging
+    error" with a traceback when written to)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers", "torch", "deepspeed")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)

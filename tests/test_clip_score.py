@@ -79,24 +79,59 @@ def test_loads_from_a_directory_and_matches_the_direct_score(clip_dir):
         ClipScore(directory / "missing")
 
 
+RANK_TIMEOUT_S = 120  # rendezvous and each collective: generous for a loaded 2-core machine, but bounded
+RUN_TIMEOUT_S = 300  # both ranks, imports included
+
+
 def _clip_rank(rank: int, world_size: int, init_file: str, directory: str, out: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    from sid_fast.errors import lost_rank_error
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     try:
         images = _images(len(PROMPTS))
         part = slice(0, 3) if rank == 0 else slice(3, None)  # unequal shares: 3 and 5 samples
         metric = ClipScore(directory)
         metric.update(images[part], PROMPTS[part])
-        Path(out, f"rank{rank}.txt").write_text(repr(metric.compute()))
+        try:
+            value = metric.compute()
+        except RuntimeError as error:  # a peer that died or hangs is named, not just "timed out"
+            raise (lost_rank_error(error) or error) from error
+        Path(out, f"rank{rank}.txt").write_text(repr(value))
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(fn, args: tuple, nprocs: int, timeout: float = RUN_TIMEOUT_S) -> None:
+    """`fn(rank, *args)` in `nprocs` spawned processes, joined with a bound: a rank that fails raises with its
+    traceback (torch.multiprocessing names the process = rank); ranks still running at the deadline are named
+    and killed."""
+    import time
+
+    context = torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=False,
+                                                    start_method="spawn")  # fork after OpenMP use deadlocks
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+                pytest.fail(f"rank(s) {alive} of {nprocs} did not finish within {timeout:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def test_two_gloo_ranks_give_the_single_process_value(clip_dir, tmp_path):
     directory, model, processor = clip_dir
     expected = float((100 * direct_cosines(model, processor, _images(len(PROMPTS)), PROMPTS).clamp_min(0)).mean())
-    torch.multiprocessing.start_processes(_clip_rank, args=(2, str(tmp_path / "init"), str(directory), str(tmp_path)),
-                                          nprocs=2, start_method="spawn")  # fork after OpenMP use deadlocks in the full suite
+    run_ranks(_clip_rank, (2, str(tmp_path / "init"), str(directory), str(tmp_path)), nprocs=2)
+    missing = [rank for rank in range(2) if not (tmp_path / f"rank{rank}.txt").is_file()]
+    assert not missing, f"rank(s) {missing} exited without a result (interrupted?)"
     values = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
     assert values[0] == values[1] == pytest.approx(expected, rel=1e-5)

@@ -21,13 +21,26 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from sid_fast.commands import load_user_config, output_dir
+    from sid_fast.errors import UserError
+
+    for name in ("prompts", "samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("two_object_prompts", "captions"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.world == "mixture":
         from sid_fast.demo import mixture
 
-        mixture.run(args.out or "runs/demo-mixture", args.overrides, num_samples=args.samples, seed=args.seed)
+        load_user_config(str(mixture.PRESET), args.overrides)  # bad overrides stop here, before any work
+        mixture.run(output_dir(args.out or "runs/demo-mixture", "--out"), args.overrides, num_samples=args.samples,
+                    seed=args.seed)
         return 0
     from sid_fast.demo import shapes
 
+    load_user_config(str(shapes.PRESET), args.overrides)
+    output_dir(args.out or "runs/demo", "--out")
     shapes.run(args.out or "runs/demo", args.overrides, seed=args.seed, prompts=args.prompts,
                two_object_prompts=args.two_object_prompts, full=args.full, progress=not args.no_progress,
                captions=args.captions)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sid_fast.config import dump_yaml, load_config
+from sid_fast.commands import load_user_config, output_dir
+from sid_fast.config import dump_yaml
 
 
 def add_arguments(parser) -> None:
@@ -11,12 +12,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from sid_fast.composition import run_training
-
-    config = load_config(args.config, args.overrides)
+    config = load_user_config(args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
+    output_dir(config.train.out_dir, "train.out_dir")
+    from sid_fast.composition import run_training
+
     # engine.kind picks the single-process engine or DeepSpeed ZeRO-3 (run under `deepspeed`/torchrun)
     run_training(config)
     return 0

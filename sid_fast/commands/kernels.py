@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 
+from sid_fast.errors import UserError
+
 USER_BACKEND = "user"
 
 
@@ -40,24 +42,26 @@ def add_arguments(parser) -> None:
 
 def _import(spec: str):
     if ":" not in spec:
-        raise ValueError(f"expected MODULE:FUNCTION, got {spec!r}")
+        raise UserError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypkg.losses:my_loss")
     module_name, attribute = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} of {spec!r}: {error}") from error
+        raise UserError(f"{spec}: cannot import module {module_name!r} ({error})") from error
     if not hasattr(module, attribute):
-        raise ValueError(f"module {module_name!r} has no attribute {attribute!r}")
+        raise UserError(f"{spec}: module {module_name!r} has no attribute {attribute!r}")
     return getattr(module, attribute)
 
 
-def _dtypes(text: str):
+def _dtypes(text: str, option: str = "--dtypes"):
     import torch
 
     names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"{option} {text!r}: name at least one dtype (float32, float16, bfloat16)")
     for name in names:
         if not isinstance(getattr(torch, name, None), torch.dtype):
-            raise ValueError(f"unknown dtype {name!r}")
+            raise UserError(f"{option} {text}: unknown dtype {name!r}; use float32, float16, bfloat16")
     return [getattr(torch, name) for name in names]
 
 
@@ -71,7 +75,12 @@ def run(args) -> int:
         return 0
     ops = [args.op] if args.op else list(kernels.ops())
     for name in ops:
-        kernels.get_op(name)  # a readable error for an unknown op
+        if name not in kernels.ops():
+            raise UserError(f"--op {name}: unknown op; known: {', '.join(sorted(kernels.ops()))}")
+    backend = getattr(args, "backend", None)
+    if backend is not None and not args.function and backend not in kernels.backends(args.op):
+        raise UserError(f"--backend {backend}: op {args.op} has no such backend; registered: "
+                        f"{', '.join(kernels.backends(args.op))}")
     if args.function:
         for name in ops:
             backward = _import(args.backward) if getattr(args, "backward", None) else None
@@ -79,17 +88,25 @@ def run(args) -> int:
     if args.action == "check":
         backend = USER_BACKEND if args.function else args.backend
         if backend is None:
-            raise ValueError("give MODULE:FUNCTION or --backend NAME to check")
+            raise UserError("kernels check: give MODULE:FUNCTION or --backend NAME to check")
         results = conformance.check_backend(args.op, backend, dtypes=_dtypes(args.dtypes), device=args.device)
         print(conformance.report(results, failures_only=not args.verbose))
         return 0 if conformance.passed(results) else 1
     import torch
 
+    dtype = _dtypes(args.dtype, "--dtype")[0]
+    shape = None
+    if args.shape:
+        try:
+            shape = tuple(int(s) for s in args.shape.split(","))
+        except ValueError:
+            raise UserError(f"--shape {args.shape}: expected comma-separated integers, e.g. 4,16,32,32") from None
+        if any(s < 1 for s in shape):
+            raise UserError(f"--shape {args.shape}: every size must be >= 1")
     rows = []
     for name in ops:
-        shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else timing.bench_shape(name)
-        providers = args.backends.split(",") if args.backends else [*kernels.backends(name), "compile"]
-        rows += timing.time_op(name, providers, shape, getattr(torch, args.dtype), args.device, repeat=args.repeat)
+        providers = args.backends.split(",") if args.backends else list(dict.fromkeys([*kernels.backends(name), "compile"]))
+        rows += timing.time_op(name, providers, shape or timing.bench_shape(name), dtype, args.device, repeat=args.repeat)
     print(f"device: {timing.device_name(args.device)}, torch {torch.__version__}")
     print(timing.table(rows))
     if args.csv:

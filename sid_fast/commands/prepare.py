@@ -36,8 +36,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from sid_fast.commands import input_path, output_dir
+    from sid_fast.errors import UserError
+
     if args.overrides:
-        raise ValueError(f"prepare takes no config overrides, got {args.overrides}")
+        raise UserError(f"prepare takes no config overrides, got {args.overrides}")
+    if args.what == "verify":
+        input_path(args.input, "shard directory", "dir")
+    else:
+        input_path(args.input, "prompt file" if args.what == "prompts" else "image input")
+        output_dir(args.out, "--out")
+        for name in ("samples_per_shard", "batch_size"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from sid_fast.data.encoding import build_encoders
     from sid_fast.data.format import ShardManifest, verify_shards
     from sid_fast.data.prepare import prepare_images, prepare_prompts

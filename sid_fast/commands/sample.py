@@ -58,6 +58,17 @@ def save_grid(images, path: Path) -> None:
 def run(args) -> int:
     import json
 
+    from sid_fast.commands import input_path, output_dir
+    from sid_fast.errors import UserError
+
+    input_path(args.generator, "generator directory", "dir")
+    if args.teacher:
+        input_path(args.teacher, "--teacher", "dir")
+    output_dir(Path(args.out).parent, "--out")
+    if args.steps < 0 or args.batch_size < 1 or args.resolution < 0:
+        raise UserError(f"--steps must be >= 0, --batch-size >= 1 and --resolution >= 0; got {args.steps}, "
+                        f"{args.batch_size} and {args.resolution}")
+
     import diffusers
     import torch
     from tqdm.auto import tqdm
@@ -70,9 +81,13 @@ def run(args) -> int:
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
-        raise ValueError("give at least one --prompt or a --prompts-file")
+        raise UserError("give at least one --prompt or a --prompts-file")
     meta = read_sampler_meta(args.generator)
     family = meta["family"]
+    if args.teacher:  # a teacher of another family: its encoders would not fit the generator
+        from sid_fast.models.diffusers_family import check_teacher_dir
+
+        check_teacher_dir(args.teacher, family)
     generator = load_generator(args.generator).to(args.device)
     transformer_config = dict(generator.transformer.config)
     if args.teacher:

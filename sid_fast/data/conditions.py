@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sid_fast.data.format import UNCONDITIONAL, ShardError, ShardManifest, check_teacher, sha256_file
 from sid_fast.data.loader import ShardStream
+from sid_fast.errors import ConfigError
 from sid_fast.models.protocol import Conditioning
 
 COND_FIELDS = ("embeds", "pooled", "mask")
@@ -157,8 +158,8 @@ class ShardConditions:
         for name, mine in (("world_size", self.world_size), ("num_workers", self.workers), ("seed", self.seed),
                            ("shuffle_buffer", self.shuffle_buffer)):
             if state.get(name) != mine:
-                raise ValueError(f"data loader state was saved with {name}={state.get(name)}, this run has {mine}; "
-                                 "resume with the same data settings")
+                raise ConfigError(f"data loader state was saved with {name}={state.get(name)}, this run has {mine}; "
+                                  "resume with the same data settings")
         if str(self.rank) not in state["ranks"]:
             raise ValueError(f"data loader state has no entry for rank {self.rank} (has {sorted(state['ranks'])})")
         mine = state["ranks"][str(self.rank)]
@@ -191,6 +192,10 @@ class ShardConditions:
 
     def close(self) -> None:
         """Stop the worker processes (a later batch starts them again from the recorded state)."""
+        # DataLoader's own shutdown, now: left to garbage collection after an error in a worker, it waited 5 s
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         self._iterator, self._pending = None, deque()
 
     def _cast(self, cond: Conditioning) -> Conditioning:
@@ -222,7 +227,7 @@ def build_conditions(data, teacher_id: str | None, default_seed: int = 0, rank: 
                      world_size: int | None = None, dtype: torch.dtype | None = None) -> ShardConditions:
     """A ShardConditions from a `DataConfig` (config.py); `data.seed` None falls back to `default_seed` (train.seed)."""
     if data.shards is None:
-        raise ValueError("config field data.shards: no shard directory given")
+        raise ConfigError("config field data.shards: no shard directory given")
     return ShardConditions(data.shards, teacher_id=teacher_id, rank=rank, world_size=world_size,
                            num_workers=data.num_workers, seed=default_seed if data.seed is None else data.seed,
                            shuffle_buffer=data.shuffle_buffer, max_bad_fraction=data.max_bad_fraction, dtype=dtype)

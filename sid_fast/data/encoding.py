@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from sid_fast.errors import InputError
 from sid_fast.models.protocol import Conditioning
 
 
@@ -102,14 +103,14 @@ def teacher_id(kind: str, path: str | Path | None = None, max_sequence_length: i
     if kind == "shapes":  # the ShapesWorld MiniLM encoder ships with its package: no teacher directory involved
         return f"shapes:all-minilm-l6-v2:L{max_sequence_length or 20}"
     if kind not in FAMILY_PARTS:
-        raise ValueError(f"encoder {kind!r}: unknown family; known: {sorted(FAMILY_PARTS) + ['shapes', 'tiny']}")
+        raise InputError(f"encoder {kind!r}: unknown family; known: {sorted(FAMILY_PARTS) + ['shapes', 'tiny']}")
     if path is None or not Path(path).is_dir():
-        raise ValueError(f"encoder {kind!r} needs the teacher's local diffusers directory, got {path!r}")
+        raise InputError(f"encoder {kind!r} needs the teacher's local diffusers directory, got {path!r}")
     digest = hashlib.sha256()
     for part in FAMILY_PARTS[kind]:
         config = Path(path, part, "config.json")
         if not config.is_file():
-            raise ValueError(f"{config} is missing: a {kind} teacher directory needs {FAMILY_PARTS[kind]}")
+            raise InputError(f"{config} is missing: a {kind} teacher directory needs {FAMILY_PARTS[kind]}")
         digest.update(part.encode() + config.read_bytes())
         for weights in sorted(Path(path, part).glob("*.safetensors")) + sorted(Path(path, part).glob("*.bin")):
             digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
@@ -149,7 +150,7 @@ def build_encoders(kind: str, path: str | None = None, device: str = "cpu", reso
         from sid_fast.encoders.minilm import MiniLMEncoder
 
         if resolution is not None:
-            raise ValueError("encoder 'shapes' works in pixel space: render ShapesWorld images instead of preparing latents")
+            raise InputError("encoder 'shapes' works in pixel space: render ShapesWorld images instead of preparing latents")
         return MiniLMEncoder(max_length=max_sequence_length or 20, device=device), None
     identity = teacher_id(kind, path, max_sequence_length)
     from sid_fast.encoders import PromptEncoder as PipelinePromptEncoder

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from sid_fast.errors import UserError
+
 FORMAT = "sid_fast.shards/1"
 MANIFEST = "manifest.json"
 UNCONDITIONAL = "unconditional.safetensors"
@@ -64,8 +66,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-class ShardError(ValueError):
-    """A shard directory or manifest is missing, inconsistent, or made for another teacher."""
+class ShardError(UserError):
+    """A shard directory or manifest is missing, inconsistent, or made for another teacher (a UserError: one line on
+    the CLI)."""
 
 
 @dataclass
@@ -101,13 +104,15 @@ class ShardManifest:
             raise ShardError(f"{directory} is not a finished shard directory: {MANIFEST} is missing "
                              "(run `sid-fast prepare` to create or finish it)")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
             manifest = cls(**data)
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ShardError(f"{path} is unreadable: {error}") from None
+            total = sum(int(s["count"]) for s in manifest.shards)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:  # not UTF-8/JSON, missing or wrong fields
+            raise ShardError(f"{path} is unreadable or altered ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:160]})") from None
         if manifest.format != FORMAT:
             raise ShardError(f"{path}: format {manifest.format!r} is not {FORMAT!r}")
-        if manifest.count != sum(s["count"] for s in manifest.shards):
+        if manifest.count != total:
             raise ShardError(f"{path}: count {manifest.count} differs from the sum of its shard counts")
         return manifest
 
@@ -171,11 +176,13 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class ShardDamage:
-    """The tar could not be read past some point; `read` complete samples came before it."""
+    """The tar could not be read past some point; `read` complete samples came before it. kind: `damaged_tar`, or
+    `missing_shard` when the file cannot be opened at all (deleted or moved while a run streams the directory)."""
 
     shard: int
     read: int
     reason: str
+    kind: str = "damaged_tar"
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -203,10 +210,15 @@ def scan_tar(path: Path, shard: int = 0) -> Iterator[SampleRecord | ShardDamage]
     (Python's tarfile stops silently at a corrupt header past the first; the tail check catches that). The sample
     being read when the damage starts is yielded with the members read intact (decode_sample rejects it if incomplete).
     """
-    size = os.path.getsize(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as error:  # deleted, moved or unreadable since the manifest was written
+        yield ShardDamage(shard, 0, f"cannot open the shard ({error.strerror or error})", "missing_shard")
+        return
+    size = os.fstat(handle.fileno()).st_size
     read, damage = 0, None
     key, members = None, []
-    with open(path, "rb") as handle:
+    with handle:
         try:
             archive = tarfile.open(fileobj=handle, mode="r:")
             while (info := archive.next()) is not None:

@@ -7,9 +7,9 @@ every shard exactly once. Within a reader, records (offsets only) pass a shuffle
 buffer's decisions depend on record order alone, a resumed reader rebuilds the exact buffer from tar headers
 (no data read) and continues with the remaining samples — no repeat, no skip.
 
-Bad data (a truncated or corrupt tar, an undecodable sample, a wrong shape or dtype, NaN/inf) is skipped,
-counted by kind and logged; when a reader's bad samples in an epoch exceed `max_bad_fraction` of the samples
-its shards hold, it raises `BadDataError` naming the shard.
+Bad data (a truncated or corrupt tar, a shard deleted while the run streams it, an undecodable sample, a wrong
+shape or dtype, NaN/inf) is skipped, counted by kind and logged; when a reader's bad samples in an epoch exceed
+`max_bad_fraction` of the samples its shards hold, it raises `BadDataError` naming the shard.
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ from sid_fast.data.format import (
     read_members,
     scan_tar,
 )
+from sid_fast.errors import UserError
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_BAD = 20
 OPEN_FILES = 8
 
 
-class BadDataError(RuntimeError):
-    """Too much bad data: the message names the shard, the counts and the configured fraction."""
+class BadDataError(UserError):
+    """Too much bad data: the message names the shard, the counts and the configured fraction (a UserError: the data
+    the user gave is bad, one line on the CLI)."""
 
 
 def mix_seed(*values: int) -> int:
@@ -124,7 +126,7 @@ class ShardStream:
             read = 0
             for item in scan_tar(path, shard):
                 if isinstance(item, ShardDamage):
-                    self._count_bad(path, "damaged_tar", entry["count"] - item.read, item.reason)
+                    self._count_bad(path, item.kind, entry["count"] - item.read, item.reason)
                     break
                 read += 1
                 buffer.append(item)
@@ -139,7 +141,14 @@ class ShardStream:
 
     def _load(self, record: SampleRecord) -> dict | None:
         path = self.directory / self.manifest.shards[record.shard]["name"]
-        handle = self._files.pop(record.shard, None) or open(path, "rb")
+        handle = self._files.pop(record.shard, None)
+        if handle is None:
+            try:
+                handle = open(path, "rb")
+            except OSError as error:  # deleted or moved after its headers were read: this sample is lost
+                self._count_bad(path, "missing_shard", 1, f"sample {record.key}: cannot open the shard "
+                                                           f"({error.strerror or error})")
+                return None
         self._files[record.shard] = handle
         while len(self._files) > OPEN_FILES:
             self._files.popitem(last=False)[1].close()

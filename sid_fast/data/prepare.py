@@ -33,6 +33,7 @@ from sid_fast.data.format import (
     write_json_atomic,
 )
 from sid_fast.data.sources import BadRecord, ImagePair, count_images, count_prompts, read_image_pairs, read_prompts
+from sid_fast.errors import InputError
 from sid_fast.models.protocol import Conditioning
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ class ShardSink:
 
     def __init__(self, out_dir: str | Path, settings: dict, samples_per_shard: int):
         if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+            raise InputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)
         if (self.out_dir / MANIFEST).is_file():
             done = ShardManifest.load(self.out_dir)
-            raise ValueError(f"{self.out_dir} is already a finished shard directory ({done.count} samples for teacher "
+            raise InputError(f"{self.out_dir} is already a finished shard directory ({done.count} samples for teacher "
                              f"{done.teacher_id!r}); choose another --out or delete it")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
@@ -79,16 +80,16 @@ class ShardSink:
             state = json.loads(state_path.read_text())
             changed = sorted(k for k in set(state["settings"]) | set(self.settings) if state["settings"].get(k) != self.settings.get(k))
             if changed:
-                raise ValueError(f"{self.out_dir} holds an unfinished prepare with other settings ({', '.join(changed)}: "
+                raise InputError(f"{self.out_dir} holds an unfinished prepare with other settings ({', '.join(changed)}: "
                                  f"{[state['settings'].get(k) for k in changed]} there, {[self.settings.get(k) for k in changed]} now); "
                                  "use another --out or the same settings")
             self.shards, self.fields = state["shards"], state["fields"]
         elif any(self.out_dir.glob("shard-*.tar")):
-            raise ValueError(f"{self.out_dir} holds shards but no {STATE}: choose an empty --out directory")
+            raise InputError(f"{self.out_dir} holds shards but no {STATE}: choose an empty --out directory")
         for shard in self.shards:
             path = self.out_dir / shard["name"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"{path}: recorded as finished in {STATE} but missing or of another size; delete {self.out_dir} and prepare again")
+                raise InputError(f"{path}: recorded as finished in {STATE} but missing or of another size; delete {self.out_dir} and prepare again")
         kept = {s["name"] for s in self.shards}
         for path in list(self.out_dir.glob("shard-*.tar*")):
             if path.name not in kept:  # the partial shard (or one renamed but not yet recorded): redone
@@ -156,7 +157,7 @@ class ShardSink:
                extra: dict) -> ShardManifest:
         """Write the unconditional embedding and the manifest (last); remove the resume state."""
         if self.fields is None:
-            raise ValueError(f"no usable input records in {source} ({skipped} skipped as bad)")
+            raise InputError(f"no usable input records in {source} ({skipped} skipped as bad)")
         expected = {n: f for n, f in self.fields.items() if n != "latents"}
         got = {n: {"shape": list(v.shape[1:]), "dtype": dtype_name(v.dtype)} for n, v in unconditional.items()}
         if got != expected or any(v.shape[0] != 1 for v in unconditional.values()):
@@ -187,6 +188,15 @@ def _record_bad(bad: BadRecord, skipped: int, bar) -> int:
 
 def _run(records: Iterable, sink: ShardSink, encode_batch, decode, batch_size: int, bar) -> int:
     """Feed input records through `decode` (-> _Pending or BadRecord) and `encode_batch` into `sink`; returns skipped count."""
+    try:
+        return _run_records(records, sink, encode_batch, decode, batch_size, bar)
+    except BaseException:
+        bar.leave = False  # clear the bar: the error that follows is printed on a line of its own
+        bar.close()
+        raise
+
+
+def _run_records(records: Iterable, sink: ShardSink, encode_batch, decode, batch_size: int, bar) -> int:
     skipped, pending, last_raw = sink.skipped_done, [], -1
     bar.update(sink.inputs_done)
 
@@ -224,7 +234,7 @@ def prepare_prompts(source: str | Path, out_dir: str | Path, encoder: PromptEnco
                     progress: bool = True) -> ShardManifest:
     """Prompts file (.txt/.jsonl/.parquet) -> shards of text embeddings in `dtype` for `encoder.teacher_id`."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        raise InputError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     store = DTYPES[dtype]
     settings = {"kind": "prompts", "teacher_id": encoder.teacher_id, "source": str(source), "dtype": dtype, "text_field": text_field}
     sink = ShardSink(out_dir, settings, samples_per_shard)
@@ -242,7 +252,7 @@ def prepare_images(source: str | Path, out_dir: str | Path, prompt_encoder: Prom
     """Image+caption pairs -> shards of VAE latents (in `latent_dtype`) plus caption embeddings (in `dtype`)."""
     for name, value in (("dtype", dtype), ("latent_dtype", latent_dtype)):
         if value not in DTYPES:
-            raise ValueError(f"{name} {value!r}: expected one of {sorted(DTYPES)}")
+            raise InputError(f"{name} {value!r}: expected one of {sorted(DTYPES)}")
     if prompt_encoder.teacher_id != latent_encoder.teacher_id:
         raise ValueError(f"prompt encoder is for teacher {prompt_encoder.teacher_id!r} but the latent encoder "
                          f"for {latent_encoder.teacher_id!r}")

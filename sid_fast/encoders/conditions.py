@@ -10,14 +10,24 @@ from sid_fast.models.protocol import Conditioning
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file, stripped; the error names the file when it has none."""
+    """Non-empty lines of a UTF-8 text file, stripped. Errors (sid_fast.errors.InputError) name the file: missing,
+    a directory, empty, or not text (then also the line)."""
+    from sid_fast.data.sources import text_lines
+    from sid_fast.errors import InputError
+
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prompt file {path}: is a directory; give a text file, one prompt a line")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise InputError(f"prompt file {path}: does not exist")
+    prompts = [line.strip() for _, line in text_lines(path) if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts")
+        raise InputError(f"prompt file {path}: has no prompts (every line is empty)")
     return prompts
+
+
+DEVICE_BANK_BYTES = 1 << 30
+"""Largest prompt bank `EmbeddingConditions` copies to the accelerator to draw batches without a host sync."""
 
 
 class EmbeddingConditions:
@@ -43,7 +53,16 @@ class EmbeddingConditions:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Conditioning:
         index = torch.randint(len(self.bank), (batch_size,), generator=generator, device=generator.device)
-        return self.bank[index.cpu()]
+        if generator.device.type == "cpu":
+            return self.bank[index]
+        # indices drawn on an accelerator: index a copy of the bank held there (no device-to-host read per batch)
+        # when it is small; a large bank (real prompt sets: stream them as shards instead) reads the indices back
+        if self.bank.nbytes() > DEVICE_BANK_BYTES:
+            return self.bank[index.cpu()]
+        device_bank = getattr(self, "_device_bank", None)
+        if device_bank is None or device_bank[0] != generator.device:
+            self._device_bank = device_bank = (generator.device, self.bank.to(generator.device))
+        return device_bank[1][index]
 
     def unconditional(self, batch_size: int) -> Conditioning:
         return self.uncond.expand_to(batch_size)

@@ -42,7 +42,14 @@ def _free_port() -> int:
 
 def init_distributed(backend: str | None = None) -> None:
     """Initialise torch.distributed through DeepSpeed (env:// from the `deepspeed`/torchrun launcher, or a
-    1-process group when started as a plain script)."""
+    1-process group when started as a plain script).
+
+    Collectives time out after SID_FAST_DIST_TIMEOUT_S seconds (default 600, DeepSpeed's own default): a rank that
+    dies fails its peers' collectives at once (gloo: connection reset), one that hangs after this timeout; then
+    `sid_fast.errors.lost_rank_error` names the lost rank (docs/reliability.md). Raise it when a legitimate wait
+    can be longer (rank 0 hashing a very large checkpoint while the others wait at the barrier)."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -59,7 +66,17 @@ def init_distributed(backend: str | None = None) -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if backend is None:
         backend = "gloo" if on_cpu else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    raw = os.environ.get("SID_FAST_DIST_TIMEOUT_S", "600")
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        from sid_fast.errors import ConfigError
+
+        raise ConfigError(f"environment variable SID_FAST_DIST_TIMEOUT_S: expected a number of seconds > 0, got {raw!r}")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout))
 
 
 def _zero3_checkpoint(block: nn.Module, *args):
