@@ -33,9 +33,11 @@ def _parse(argv: list[str]):
 
 
 def dry_run(config, plan_spec, args) -> None:
+    from dataclasses import replace
+
     from sid_fast.config import dump_yaml
     from sid_fast.engine.ds_config import network_config
-    from sid_fast.engine.planner import GIB, HEADER, PlanOptions, format_row, plan
+    from sid_fast.engine.planner import GIB, HEADER, PlanOptions, describe_min_gpus, format_row, min_gpus, plan
 
     print("# resolved sid_fast config\n" + dump_yaml(config))
     print("# DeepSpeed config of the generator (fake score: same with its lr; teacher: no optimizer)")
@@ -52,12 +54,21 @@ def dry_run(config, plan_spec, args) -> None:
                           precision="bf16" if config.engine.bf16 else "fp32",
                           cfg=any(k not in (0.0, 1.0) for k in (config.method.kappa_teacher, config.method.kappa_fake_gen)))
     result = plan(spec, options)
-    print(f"# planned memory per rank ({spec.params / 1e9:.3g}B parameters per network, {result['tokens']} tokens)")
+    fake = (f"teacher + LoRA rank {options.lora_fake_rank} sharing the teacher's partitioned base"
+            if options.lora_fake_rank else "a full copy")
+    print(f"# planned memory per rank ({spec.params / 1e9:.3g}B parameters per network, {result['tokens']} tokens; "
+          f"fake score: {fake})")
     print(HEADER)
     print(format_row(result))
     print(f"# global batch per update: {config.train.batch_size} × {config.train.grad_accum} × "
           f"{gpus_per_node * nodes} GPUs = {config.train.batch_size * config.train.grad_accum * gpus_per_node * nodes}; "
           f"total {result['total'] / GIB:.1f} GiB per GPU")
+    fewest = describe_min_gpus(min_gpus(spec, options), gpus_per_node)
+    line = f"# fewest {args.gpu_gib:.0f} GB GPUs for this config: {fewest}"
+    if not options.lora_fake_rank:
+        lora = describe_min_gpus(min_gpus(spec, replace(options, lora_fake_rank=64)), gpus_per_node)
+        line += f"; with a LoRA fake score (--teacher.fake_lora_rank=64): {lora}"
+    print(line)
 
 
 def main(preset: str, plan_spec, argv: list[str] | None = None, base_yaml: Path | None = None) -> int:

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from sid_fast.composition import run_training
     from sid_fast.config import load_config
     from sid_fast.demo import shapes as demo
     from sid_fast.encoders.minilm import MiniLMEncoder
-    from sid_fast.composition import run_training
     from sid_fast.models.sd3 import SD3Adapter
     from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer
     from sid_fast.shapes.evaluate import teacher_samples

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from sid_fast.composition import run_training
     from sid_fast.config import load_config, to_dict
     from sid_fast.demo.shapes import load_run_generator, save_generator
-    from sid_fast.composition import run_training
     from sid_fast.models.shapes import SHIPPED_TEACHER
 
     started = time.monotonic()

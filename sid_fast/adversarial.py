@@ -215,9 +215,9 @@ def build_data_aided_trainer(config, bundle, real_data, engine=None) -> DataAide
     from sid_fast.api import init_student
     from sid_fast.engine.build import build_engine
 
-    if engine is None:
-        fake_score, generator = init_student(bundle.teacher, bundle.student)
+    if engine is None:  # build_engine makes the fake score (a fresh copy, or LoRA with teacher.fake_lora_rank)
+        _, generator = init_student(bundle.teacher, bundle.student)
         if config.adversarial.init_generator is not None:
             init_generator_from(generator, config.adversarial.init_generator)
-        engine = build_engine(config, bundle, fake_score, generator)
+        engine = build_engine(config, bundle, generator=generator)
     return DataAidedTrainer(config, engine, bundle.conditions, bundle.sample_shape, real_data)

@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from sid_fast.composition import run_training
     from sid_fast.config import load_config
     from sid_fast.demo import shapes as demo
     from sid_fast.encoders.minilm import MiniLMEncoder
-    from sid_fast.composition import run_training
     from sid_fast.models.sd3 import SD3Adapter
     from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer
     from sid_fast.shapes.evaluate import generator_samples

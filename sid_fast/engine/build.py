@@ -8,6 +8,8 @@ Engines only: the whole training run (teacher, data, trainer, evaluation, export
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -16,15 +18,18 @@ from sid_fast.config import SiDConfig
 
 def build_engine(config: SiDConfig, bundle, fake_score: nn.Module | None = None, generator: nn.Module | None = None):
     """The engine named by `config.engine.kind` holding bundle.teacher and copies of the student."""
-    from sid_fast.api import init_student
+    if fake_score is None and config.teacher.fake_lora_rank:
+        from sid_fast.models.lora import make_lora_fake_score
 
-    if fake_score is None or generator is None:
-        fake_score, generator = init_student(bundle.teacher, bundle.student)
-        if config.teacher.fake_lora_rank:
-            from sid_fast.models.lora import make_lora_fake_score
-
-            # the fake score shares the frozen teacher's weights and trains LoRA adapters only
-            fake_score = make_lora_fake_score(bundle.teacher.requires_grad_(False), config.teacher.fake_lora_rank)
+        # the fake score shares the frozen teacher's weights and trains LoRA adapters only
+        fake_score = make_lora_fake_score(bundle.teacher.requires_grad_(False), config.teacher.fake_lora_rank,
+                                          seed=config.train.seed)
+    if fake_score is None or generator is None:  # copies of the student (or teacher) for whichever was not given
+        source = bundle.teacher if bundle.student is None else bundle.student
+        if not any(True for _ in source.parameters()):
+            raise ValueError("the teacher has no parameters to copy; pass `student=` (a network of the teacher's shape)")
+        fake_score = copy.deepcopy(source).requires_grad_(True) if fake_score is None else fake_score
+        generator = copy.deepcopy(source).requires_grad_(True) if generator is None else generator
     frozen = config.teacher.frozen_dtype
     if frozen and frozen != config.teacher.dtype:  # after the students were copied from it
         if config.engine.kind == "deepspeed":

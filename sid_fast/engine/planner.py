@@ -4,7 +4,12 @@ Model states follow DeepSpeed's own ZeRO-3 estimator (`estimate_zero3_model_stat
 network costs 18 bytes per parameter over all GPUs (bf16 weight 2 + bf16 gradient 2 + fp32 master, Adam m and
 v 12 + 2 of fp32 gradient-partition slack) plus 4 bytes per parameter of the largest layer (gathered and
 prefetched); with the optimizer offloaded only the 2-byte partitions stay on the GPU. The frozen teacher holds
-only its bf16 partitions (2 bytes). A LoRA fake score shares the teacher's weights and trains only its adapters.
+only its bf16 partitions (2 bytes). A LoRA fake score (`lora_fake_rank` r > 0) shares the teacher's partitioned
+base (one copy serves both, as the DeepSpeed engine holds it) and costs only its adapters' states: r·Σ(d_in + d_out)
+parameters over the adapted attention projections (`ModelSpec.lora_per_rank`, counted from the diffusers modules),
+18 bytes each like any trainable parameter; its activations are those of a full fake score (it runs the whole
+network). In fp32 (`precision`) a trainable parameter costs 4 + 4 (gradient) + 4 (fp32 master, a separate copy as
+DeepSpeed keeps it) + 8 (Adam) = 20 bytes: what a CPU run measures (tests/test_engine_zero3.py).
 
 Activations (DESIGN §3): the generator step backpropagates through the generator's last call (1 pass of the
 micro-batch) and, as input gradients, through teacher and fake score with CFG (2 passes each when κ ∉ {0, 1}):
@@ -16,7 +21,7 @@ docs/distributed.md for how they compare with DeepSpeed's estimator and measured
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GIB = 1024**3
 
@@ -35,15 +40,21 @@ class ModelSpec:
     """Text tokens in the joint sequence (0 when text enters by cross-attention only)."""
     latent_factor: int
     """Pixels per latent cell (VAE factor × patch size): tokens = (resolution / factor)²."""
+    lora_per_rank: float = 0.0
+    """LoRA parameters per unit of rank of the fake score's adapters: Σ (d_in + d_out) over the linear layers
+    `make_lora_fake_score` adapts (to_q, to_k, to_v, to_out.0 of every attention); 0: estimated as 8·hidden per block."""
 
 
-# Public configs of the diffusers transformers (param counts from the released checkpoints).
+# Public configs of the diffusers transformers (param counts from the released checkpoints). lora_per_rank: counted
+# with sid_fast.models.lora.lora_params_per_rank on the diffusers model built from the public config on the meta
+# device (SD3: 24 joint attentions; SD3.5-Medium: 24 + 13 dual; SD3.5-Large: 38; FLUX: 19 double-stream attentions
+# with to_out + 38 single-stream without; SANA: 20 self- + 20 cross-attentions).
 MODELS = {
-    "sana-1.6b": ModelSpec("SANA 1.6B", 1.60e9, 30.1e6, 2240, 20, 0, 32),
-    "sd3-medium": ModelSpec("SD3-Medium", 2.03e9, 14.2e6, 1536, 24, 333, 16),
-    "sd35-medium": ModelSpec("SD3.5-Medium", 2.47e9, 14.2e6, 1536, 24, 333, 16),
-    "sd35-large": ModelSpec("SD3.5-Large", 8.06e9, 35.5e6, 2432, 38, 333, 16),
-    "flux-dev": ModelSpec("FLUX.1-dev", 11.90e9, 56.6e6, 3072, 57, 512, 16),
+    "sana-1.6b": ModelSpec("SANA 1.6B", 1.60e9, 30.1e6, 2240, 20, 0, 32, lora_per_rank=716_800),
+    "sd3-medium": ModelSpec("SD3-Medium", 2.03e9, 14.2e6, 1536, 24, 333, 16, lora_per_rank=294_912),
+    "sd35-medium": ModelSpec("SD3.5-Medium", 2.47e9, 14.2e6, 1536, 24, 333, 16, lora_per_rank=454_656),
+    "sd35-large": ModelSpec("SD3.5-Large", 8.06e9, 35.5e6, 2432, 38, 333, 16, lora_per_rank=739_328),
+    "flux-dev": ModelSpec("FLUX.1-dev", 11.90e9, 56.6e6, 3072, 57, 512, 16, lora_per_rank=1_167_360),
 }
 
 
@@ -82,23 +93,37 @@ def deepspeed_estimate(params: float, largest_layer: float, gpus_per_node: int, 
 
 
 def lora_params(spec: ModelSpec, rank: int) -> float:
-    """LoRA adapters on the q, k, v, out and two MLP projections of every block: r·(in + out) each."""
-    h = spec.hidden
-    per_block = rank * (4 * 2 * h + 2 * (h + 4 * h))
-    return spec.blocks * per_block
+    """Parameters of the LoRA fake score's adapters: rank · Σ (d_in + d_out) over the adapted projections."""
+    per_rank = spec.lora_per_rank or 8 * spec.hidden * spec.blocks  # fallback: q, k, v, out of one attention per block
+    return rank * per_rank
+
+
+def trainable_state_parts(params: float, gpus: int, precision: str = "bf16", offload: bool = False) -> dict[str, float]:
+    """Per-GPU bytes of a trainable network's ZeRO-3 partitions by kind (without the gathered-layer term).
+
+    bf16: weights 2 + gradients 2 + fp32 master 4 + Adam 8 + 2 more = DeepSpeed's 18 bytes per parameter; fp32:
+    4 + 4 + 4 + 8 = 20 (DeepSpeed keeps a separate fp32 master partition); optimizer offloaded: only the weights."""
+    weight = 2 if precision == "bf16" else 4
+    per = {"weights": weight, "gradients": 0, "master": 0, "optimizer": 0, "other": 0}
+    if not offload:
+        per.update(gradients=weight, master=4, optimizer=8, other=2 if precision == "bf16" else 0)
+    return {kind: size * params / gpus for kind, size in per.items()}
 
 
 def plan(spec: ModelSpec, options: PlanOptions) -> dict:
     """Per-GPU memory (bytes) by part and the verdict for `options`."""
     gpus = options.gpus_per_node * options.nodes
     weight_bytes = 2 if options.precision == "bf16" else 4
-    teacher = weight_bytes * spec.params / gpus
-    generator = zero3_model_state_bytes(spec.params, spec.largest_layer, gpus, options.nodes, options.offload_optimizer)
-    if options.lora_fake_rank > 0:  # weights shared with the teacher; only adapters train
-        fake = zero3_model_state_bytes(lora_params(spec, options.lora_fake_rank), 0, gpus, options.nodes,
-                                       options.offload_optimizer)
+    teacher = weight_bytes * spec.params / gpus  # with a LoRA fake score: the one base both use
+    generator_parts = trainable_state_parts(spec.params, gpus, options.precision, options.offload_optimizer)
+    generator_parts["gathered"] = 4 * spec.largest_layer
+    if options.lora_fake_rank > 0:  # the base is the teacher's; only the adapters train
+        fake_parts = trainable_state_parts(lora_params(spec, options.lora_fake_rank), gpus, options.precision,
+                                           options.offload_optimizer)
+        fake_parts["gathered"] = 0.0
     else:
-        fake = generator
+        fake_parts = dict(generator_parts)
+    generator, fake = sum(generator_parts.values()), sum(fake_parts.values())
     tokens = (options.resolution // spec.latent_factor) ** 2 + spec.text_tokens
     per_block_full = 34 * tokens * spec.hidden * (weight_bytes / 2)  # bytes per sample
     if options.activation_checkpointing:
@@ -111,7 +136,27 @@ def plan(spec: ModelSpec, options: PlanOptions) -> dict:
              "activations": activations, "overhead": options.overhead_gib * GIB}
     total = sum(parts.values())
     return {"model": spec.name, "tokens": tokens, **asdict(options), **parts, "total": total,
-            "fits": total <= options.gpu_gib * GIB}
+            "fits": total <= options.gpu_gib * GIB, "fake_score_parts": fake_parts, "generator_parts": generator_parts}
+
+
+def min_gpus(spec: ModelSpec, options: PlanOptions, limit: int = 4096) -> tuple[int, dict] | None:
+    """The fewest GPUs of `options.gpu_gib` on which `options` fits, and the plan there; None if none up to
+    `limit` does (activations and overhead alone exceed one GPU). Per-GPU memory depends on the total GPU count
+    only; nodes = ceil(gpus / gpus_per_node)."""
+    for gpus in range(1, limit + 1):
+        result = plan(spec, replace(options, gpus_per_node=gpus, nodes=1))
+        if result["fits"]:
+            return gpus, result
+    return None
+
+
+def describe_min_gpus(answer: tuple[int, dict] | None, gpus_per_node: int = 8) -> str:
+    """'4 (1 node, 68.9 GiB)' or 'none' for a `min_gpus` answer."""
+    if answer is None:
+        return "none (activations + overhead alone exceed one GPU)"
+    gpus, result = answer
+    nodes = -(-gpus // gpus_per_node)
+    return f"{gpus} ({nodes} node{'s' if nodes > 1 else ''} of {gpus_per_node}, {result['total'] / GIB:.1f} GiB)"
 
 
 def format_row(result: dict) -> str:
@@ -134,8 +179,16 @@ HEADER = ("| teacher | px | micro-batch | options | teacher GiB | fake score GiB
           "total GiB/GPU | verdict |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
-def spec_from_module(module, name: str, hidden: int, blocks: int, text_tokens: int, latent_factor: int) -> ModelSpec:
-    """A ModelSpec counted from a module (real, or built on the meta device: no weights needed)."""
+def spec_from_module(module, name: str, hidden: int, blocks: int, text_tokens: int, latent_factor: int,
+                     lora_targets: tuple[str, ...] | None = None) -> ModelSpec:
+    """A ModelSpec counted from a module (real, or built on the meta device: no weights needed), with the LoRA
+    adapter size `make_lora_fake_score(module, r, target_modules=lora_targets)` would add per unit of rank."""
+    from sid_fast.models.lora import lora_params_per_rank
+
     params = sum(p.numel() for p in module.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
-    return ModelSpec(name, float(params), float(largest), hidden, blocks, text_tokens, latent_factor)
+    try:
+        per_rank = float(lora_params_per_rank(module, lora_targets))
+    except ValueError:  # no linear layer to adapt
+        per_rank = 0.0
+    return ModelSpec(name, float(params), float(largest), hidden, blocks, text_tokens, latent_factor, per_rank)

@@ -10,6 +10,18 @@ The generator step backpropagates through the frozen fake score and teacher (inp
 their parameters are gathered by ZeRO-3's forward/backward hooks, `requires_grad` is off so no weight
 gradient is computed, and their engines' reduce hooks never fire. Every rank runs the same K' (the
 trainer draws it from a seed shared by all ranks), so all ranks issue the same gathers: no deadlock.
+
+LoRA fake score (teacher.fake_lora_rank > 0, `sid_fast.models.lora`): the fake score is a second module tree over
+the teacher's own Parameter objects plus peft LoRA layers. Both trees hang under one root (`SharedBase`) that is
+partitioned once and given to ONE DeepSpeed engine whose Adam holds the adapters only: one partitioned copy of the
+frozen base serves the teacher (its own tree, no adapters: the fake score with adapters disabled, bit for bit) and
+the fake score. The trees are separate module objects on purpose: ZeRO-3 keeps its backward bookkeeping per module
+(`ds_grads_remaining`, reset at every forward), so one module called as teacher and again as fake score inside one
+generator-step graph would release its gathered weights after the first of the two backwards only and leave the
+others gathered until the end of the step; with two trees each module is called once and a shared parameter stays
+gathered while any module using it is active (`ds_active_sub_modules`). The root is never called itself, so
+DeepSpeed records no module trace for it and gathers the shared base on use, without prefetching.
+Checkpoints of that engine hold the adapters and their Adam states only (`exclude_frozen_parameters`).
 """
 
 from __future__ import annotations
@@ -28,10 +40,11 @@ from torch import Tensor, nn
 from sid_fast.config import EngineConfig, OptimConfig, TrainConfig
 from sid_fast.engine.base import TRAINABLE, requires_grad_off
 from sid_fast.engine.ds_config import network_config
+from sid_fast.engine.local import enable_activation_checkpointing
 from sid_fast.engine.reshard import convert_to_universal
 from sid_fast.engine.sharded_ema import ShardedEMA, SwappedWeights, gathered_state_dict
 
-__all__ = ["DeepSpeedEngine", "init_distributed"]
+__all__ = ["DeepSpeedEngine", "SharedBase", "init_distributed"]
 
 
 def _free_port() -> int:
@@ -84,16 +97,49 @@ def _zero3_checkpoint(block: nn.Module, *args):
     saved tensors of partitioned parameters and its re-entrant one reduces a gradient twice."""
     from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint
 
+    if torch.is_grad_enabled() and not any(torch.is_tensor(a) and a.requires_grad for a in args) \
+            and any(p.requires_grad for p in block.parameters()):
+        # a re-entrant checkpoint's outputs carry a graph only when an input requires grad; a block whose only
+        # trainable weights are its own (a LoRA fake score's adapters over the frozen base, in its own step) would
+        # get none and its adapters no gradient. Its (graph-less) hidden-state input is made a leaf that requires
+        # grad, as transformers' enable_input_require_grads does.
+        args = list(args)
+        for index, value in enumerate(args):
+            if torch.is_tensor(value) and value.is_floating_point():
+                args[index] = value.detach().requires_grad_(True)
+                break
     return checkpoint(block.__call__, *args)
 
 
-def _enable_activation_checkpointing(module: nn.Module, name: str) -> None:
-    for sub in module.modules():
-        if hasattr(sub, "enable_gradient_checkpointing"):
-            sub.enable_gradient_checkpointing(gradient_checkpointing_func=_zero3_checkpoint)
-            return
-    raise ValueError(f"config field engine.activation_checkpointing: the {name} ({type(module).__name__}) has no "
-                     "`enable_gradient_checkpointing`; switch it off for this model")
+class SharedBase(nn.Module):
+    """Root module of the LoRA fake score's ZeRO-3 engine: the teacher's tree and the fake score's tree (teacher +
+    adapters) whose base parameters are the same Parameter objects. `parameters()` yields each shared parameter once,
+    so it is partitioned once; every submodule of both trees gets ZeRO-3's hooks. Never called itself: the engine
+    hands out `.teacher` and `.fake_score`."""
+
+    def __init__(self, teacher: nn.Module, fake_score: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.fake_score = fake_score
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("SharedBase is a container: call its .teacher or .fake_score")
+
+
+def _check_shared_base(teacher: nn.Module, base: list, adapters: list) -> None:
+    """A fake score that shares weights must be the teacher plus trainable adapters: all of the teacher's
+    parameters, frozen, and nothing else shared."""
+    teacher_params = list(teacher.parameters())
+    if len(base) != len(teacher_params):
+        raise ValueError(f"config field teacher.fake_lora_rank: the fake score shares {len(base)} of the teacher's "
+                         f"{len(teacher_params)} parameters; the DeepSpeed engine takes a fake score that is the whole "
+                         "teacher plus adapters (sid_fast.models.lora.make_lora_fake_score) or a full copy")
+    if any(p.requires_grad for p in base):
+        raise ValueError("config field teacher.fake_lora_rank: the teacher's weights shared with the fake score must "
+                         "be frozen (requires_grad False); only the adapters train")
+    if not any(p.requires_grad for p in adapters):
+        raise ValueError("config field teacher.fake_lora_rank: the fake score shares the teacher's weights but has "
+                         "no trainable adapters")
 
 
 class DeepSpeedEngine:
@@ -116,36 +162,55 @@ class DeepSpeedEngine:
             "fake_score": network_config(engine, optim, train, optim.lr_fake, use_ds_optimizer),
             "generator": network_config(engine, optim, train, optim.lr_generator, use_ds_optimizer),
         }
-        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in fake_score.parameters()}
-        if shared:
-            raise ValueError("config field teacher.fake_lora_rank: a fake score sharing weights with the teacher "
-                             f"({len(shared)} shared parameters) is not supported by the DeepSpeed engine yet; "
-                             "use a full fake-score copy (fake_lora_rank=0) or engine.kind=local")
-        self.engines = {}
-        for name, module, lr in (("teacher", teacher, None), ("fake_score", fake_score, optim.lr_fake),
-                                 ("generator", generator, optim.lr_generator)):
-            if name == "teacher":
-                module.eval().requires_grad_(False)
-            else:
-                module.train()
-            if not any(True for _ in module.parameters()):  # e.g. the exact mixture teacher (§9): nothing to shard
-                self.engines[name] = None
-                setattr(self, name, module.to(self.device))
+        from sid_fast.models.lora import split_shared
+
+        base, adapters = split_shared(teacher, fake_score)
+        self.shared_base = bool(base)
+        """True for a LoRA fake score: teacher and fake score share one partitioned base (see the module docstring)."""
+        if self.shared_base:
+            _check_shared_base(teacher, base, adapters)
+            # one root, one partitioning, one engine: the teacher's tree (no adapters) and the fake score's tree
+            groups = [("fake_score", SharedBase(teacher, fake_score), optim.lr_fake,
+                       (("teacher", teacher), ("fake_score", fake_score))),
+                      ("generator", generator, optim.lr_generator, (("generator", generator),))]
+            self.engines = {"teacher": None}
+        else:
+            groups = [(name, module, lr, ((name, module),)) for name, module, lr in (
+                ("teacher", teacher, None), ("fake_score", fake_score, optim.lr_fake),
+                ("generator", generator, optim.lr_generator))]
+            self.engines = {}
+        checkpointed = [n.strip() for n in engine.checkpoint_networks.split(",")] if engine.activation_checkpointing else []
+        for engine_name, root, lr, members in groups:
+            for name, module in members:
+                if name == "teacher":
+                    module.eval().requires_grad_(False)
+                else:
+                    module.train()
+            if not any(True for _ in root.parameters()):  # e.g. the exact mixture teacher (§9): nothing to shard
+                self.engines[engine_name] = None
+                setattr(self, engine_name, root.to(self.device))
                 continue
-            module = module.to(dtype)
-            if engine.activation_checkpointing:
-                _enable_activation_checkpointing(module, name)
+            root = root.to(dtype)
+            for name, module in members:
+                if name in checkpointed:
+                    enable_activation_checkpointing(module, name, _zero3_checkpoint)
             # partition before anything reaches the device: each rank keeps 1/world of every parameter
-            deepspeed.zero.Init(module=module, config_dict_or_path=self.configs[name], dtype=dtype)
+            deepspeed.zero.Init(module=root, config_dict_or_path=self.configs[engine_name], dtype=dtype)
+            trainable = [p for p in root.parameters() if p.requires_grad]
             client_optimizer = None
             if lr is not None and not use_ds_optimizer:
                 client_optimizer = torch.optim.Adam(
-                    [p for p in module.parameters() if p.requires_grad], lr=lr,
-                    betas=(float(optim.beta1), float(optim.beta2)), eps=optim.eps, weight_decay=optim.weight_decay)
-            ds_engine, *_ = deepspeed.initialize(model=module, optimizer=client_optimizer, config=self.configs[name])
-            self.engines[name] = ds_engine
-            # the trainer calls the plain module; ZeRO-3's hooks live on it and gather parameters on use
-            setattr(self, name, ds_engine.module)
+                    trainable, lr=lr, betas=(float(optim.beta1), float(optim.beta2)), eps=optim.eps,
+                    weight_decay=optim.weight_decay)
+            extra = {"model_parameters": trainable} if self.shared_base and lr is not None else {}
+            ds_engine, *_ = deepspeed.initialize(model=root, optimizer=client_optimizer, config=self.configs[engine_name],
+                                                 **extra)
+            self.engines[engine_name] = ds_engine
+            # the trainer calls the plain modules; ZeRO-3's hooks live on them and gather parameters on use
+            for name, module in members:
+                if name == "teacher":
+                    module.eval()
+                setattr(self, name, module)
         for name in TRAINABLE:
             if self.engines[name] is None:
                 raise ValueError(f"the {name} has no parameters to train")
@@ -167,7 +232,14 @@ class DeepSpeedEngine:
         if name in self._frozen_until_backward:
             raise RuntimeError(f"backward into the {name}, which is frozen until the current backward completes")
         # DeepSpeed divides by gradient_accumulation_steps itself (scale_wrt_gas)
-        self.engines[name].backward(loss)
+        ds_engine = self.engines[name]
+        ds_engine.backward(loss)
+        # What DeepSpeedEngine.forward does before the next micro-batch (the trainer calls the modules, never the
+        # engine): ZeRO-3 counts the micro-step only there; without it every backward overwrote the gradient
+        # partitions and accumulation kept the last micro-batch's gradient alone.
+        clear = getattr(ds_engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
         for flags in self._frozen_until_backward.values():
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -223,12 +295,15 @@ class DeepSpeedEngine:
         `directory/<name>/`, the EMA partitions per rank, and engine.json. All ranks call this."""
         directory = Path(directory)
         for name in TRAINABLE:
+            # a LoRA fake score's engine also holds the frozen base: leave it out (it is the teacher, reloaded)
             self.engines[name].save_checkpoint(str(directory), tag=name, save_latest=False,
-                                               client_state={"updates": self.updates[name]})
+                                               client_state={"updates": self.updates[name]},
+                                               exclude_frozen_parameters=self._holds_frozen_base(name))
         if self.ema is not None:
             self.ema.save(directory, self.rank, self.world_size)
         if self.rank == 0:
             meta = {"world_size": self.world_size, "micro_steps": self.micro_steps, "updates": self.updates,
+                    "shared_base": self.shared_base,
                     "ema_updates": self.ema.updates if self.ema is not None else None,
                     "ema_sharded": self.ema.sharded if self.ema is not None else None}
             (directory / "engine.json").write_text(json.dumps(meta))
@@ -241,6 +316,10 @@ class DeepSpeedEngine:
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file}: not a DeepSpeed engine checkpoint (saved by the local engine?)")
         meta = json.loads(meta_file.read_text())
+        if bool(meta.get("shared_base", False)) != self.shared_base:
+            kinds = {True: "a LoRA fake score (teacher.fake_lora_rank > 0)", False: "a full fake-score copy"}
+            raise ValueError(f"config field teacher.fake_lora_rank: {directory} was saved with "
+                             f"{kinds[bool(meta.get('shared_base', False))]}, this run has {kinds[self.shared_base]}")
         source = directory
         if meta["world_size"] != self.world_size:
             source = convert_to_universal(directory, TRAINABLE, self.rank)
@@ -248,7 +327,8 @@ class DeepSpeedEngine:
             ds_engine = self.engines[name]
             ds_engine._config.load_universal_checkpoint = source != directory
             path, _ = ds_engine.load_checkpoint(str(source), tag=name, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True,
+                                                load_module_strict=not self._holds_frozen_base(name))
             ds_engine._config.load_universal_checkpoint = False
             if path is None:
                 raise FileNotFoundError(f"{directory}/{name}: DeepSpeed found no checkpoint to load")
@@ -270,20 +350,48 @@ class DeepSpeedEngine:
         dist.all_reduce(value)
         return value / self.world_size
 
-    def model_state_bytes(self, name: str) -> int:
-        """This rank's bytes of parameters, fp32 master partitions and Adam states of network `name`."""
-        total = self.parameter_bytes(name)
+    def _holds_frozen_base(self, name: str) -> bool:
+        return self.shared_base and name == "fake_score"
+
+    def own_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters network `name` owns: a LoRA fake score owns its adapters, the base is the teacher's."""
+        params = list(self.network(name).parameters())
+        if self._holds_frozen_base(name):
+            base = {id(p) for p in self.teacher.parameters()}
+            params = [p for p in params if id(p) not in base]
+        return params
+
+    def model_state_parts(self, name: str) -> dict[str, int]:
+        """This rank's bytes of network `name` by kind, each storage counted once: `parameters` (its ZeRO-3
+        partitions), `gradients` (the partitioned gradient buffer), `master` (fp32 master partitions; 0 where DeepSpeed
+        uses the parameter partitions themselves as masters), `optimizer` (Adam's moments)."""
+        parts = {"parameters": self.parameter_bytes(name), "gradients": 0, "master": 0, "optimizer": 0}
         optimizer = self.engines[name].optimizer if self.engines.get(name) is not None else None
+        if optimizer is None:
+            return parts
+        grads = getattr(optimizer, "grad_partitions_flat_buffer", None)
+        if torch.is_tensor(grads):
+            parts["gradients"] = grads.numel() * grads.element_size()
+        low = {t.data_ptr() for t in getattr(optimizer, "fp16_partitioned_groups_flat", []) if torch.is_tensor(t)}
         for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):
-            total += flat.numel() * flat.element_size()
+            if flat.data_ptr() not in low:  # a separate fp32 copy (bf16 training, or offloaded)
+                parts["master"] += flat.numel() * flat.element_size()
         for state in getattr(getattr(optimizer, "optimizer", None), "state", {}).values():
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-        return total
+            parts["optimizer"] += sum(v.numel() * v.element_size() for v in state.values()
+                                      if torch.is_tensor(v) and v.dim() > 0)
+        return parts
+
+    def model_state_bytes(self, name: str) -> int:
+        """This rank's bytes of parameters, fp32 master partitions and Adam states of network `name` (its own
+        parameters: a LoRA fake score's adapters; each storage once, see `model_state_parts`)."""
+        parts = self.model_state_parts(name)
+        return parts["parameters"] + parts["master"] + parts["optimizer"]
 
     def parameter_bytes(self, name: str) -> int:
-        """Bytes of `name`'s parameters held by this rank (its ZeRO-3 partitions, or the whole when unsharded)."""
+        """Bytes of `name`'s own parameters held by this rank (its ZeRO-3 partitions, or the whole when unsharded);
+        a LoRA fake score's base is counted with the teacher."""
         total = 0
-        for p in self.network(name).parameters():
+        for p in self.own_parameters(name):
             held = p.ds_tensor if hasattr(p, "ds_tensor") else p
             total += held.numel() * held.element_size()
         return total
