@@ -35,12 +35,16 @@ def describe_nonfinite(value: Tensor) -> str:
     return f"{nan} NaN, {inf} inf of {value.numel()} elements, shape {tuple(value.shape)}"
 
 
+MAX_PENDING = 4096
+"""Deferred checks kept on the device before they are read even without a log line."""
+
+
 class NonFiniteGuard:
     """Collects the first non-finite tensor of the current update and decides stop / skip.
 
     mode: `stop` or `skip`; check_tensors: False checks only the losses (`watch` becomes a no-op).
     deferred (stop mode only): the checks stay on the device, with no host sync per step: each watched tensor
-    updates a small device record (first bad step, NaN and inf counts), and `flush()` (called every
+    adds one device scalar (its count of non-finite elements) to a list, and `flush()` (called every
     `train.log_every` iterations, before checkpoints and evaluations) reads them all at once and raises naming the
     first bad step, network and tensor. Until then the run goes on: a NaN can reach the weights, but no checkpoint
     or export is written past it. Immediate mode (and `skip`, which must decide before the optimizer step) checks
@@ -56,7 +60,7 @@ class NonFiniteGuard:
         """The iteration being run (set by the trainer), recorded with a deferred problem."""
         self.problems: list[str] = []
         self.skipped: list[dict] = []
-        self._pending: dict[tuple[str, str], tuple[Tensor, Tensor, tuple[int, ...]]] = {}
+        self._pending: list[tuple[int, str, str, tuple[int, ...], Tensor]] = []
 
     def watch(self, value: Tensor, network: str, tensor: str) -> None:
         """Record `value` (output of `network`) when it holds NaN/inf (immediate mode: one device sync)."""
@@ -68,18 +72,10 @@ class NonFiniteGuard:
             self.problems.append(f"{tensor} of the {network} ({describe_nonfinite(value)})")
 
     def _record(self, value: Tensor, network: str, tensor: str) -> None:
-        """Deferred check: keep (first bad step, NaN count, inf count, numel) of `tensor` on the device."""
-        value = value.detach()
-        counts = torch.stack([torch.isnan(value).sum(), torch.isinf(value).sum()])
-        key = (network, tensor)
-        step = torch.full((), self.step, dtype=torch.int64, device=value.device)
-        if key not in self._pending:
-            first = torch.where(counts.sum() > 0, step, torch.full_like(step, -1))
-            self._pending[key] = (first, counts, tuple(value.shape))
-            return
-        first, kept, shape = self._pending[key]
-        fresh = (first < 0) & (counts.sum() > 0)  # the first bad call wins; later ones change nothing
-        self._pending[key] = (torch.where(fresh, step, first), torch.where(fresh, counts, kept), shape)
+        """Deferred check: one device reduction (the count of non-finite elements), kept with its step and name."""
+        self._pending.append((self.step, network, tensor, tuple(value.shape), torch.isfinite(value.detach()).logical_not().sum()))
+        if len(self._pending) >= MAX_PENDING:  # a very long log window: read them now (one sync per MAX_PENDING)
+            self.flush()
 
     def verdict(self, loss: Tensor, step: int, network: str, loss_name: str) -> bool:
         """Called before `network`'s backward. Returns True when the update must be skipped; raises in stop mode.
@@ -106,27 +102,26 @@ class NonFiniteGuard:
         return True
 
     def flush(self) -> None:
-        """Deferred mode: read every pending record in one host transfer; raise `NonFiniteError` naming the first
-        bad step, its network and tensor (all ranks raise together). No-op in immediate mode."""
+        """Deferred mode: read every pending count in one host transfer; raise `NonFiniteError` naming the first
+        bad step, its network(s) and tensor(s) (all ranks raise together). No-op in immediate mode."""
         if not self.deferred or not self._pending:
             return
-        pending, self._pending = self._pending, {}
-        keys = list(pending)
-        device = pending[keys[0]][0].device
-        table = torch.stack([torch.cat([first.reshape(1), counts]).to(device) for first, counts, _ in pending.values()])
-        bad = (table[:, 0] >= 0).any().float()
+        pending, self._pending = self._pending, []
+        counts = torch.stack([entry[-1] for entry in pending])
+        bad = (counts > 0).any().float()
         if self.engine is not None and getattr(self.engine, "world_size", 1) > 1:  # every rank must agree
             bad = self.engine.all_reduce_mean(bad.to(self.engine.device))
-        rows, any_bad = table.tolist(), float(bad) > 0  # the one sync of the window
+        values, any_bad = counts.tolist(), float(bad) > 0  # the one sync of the window
         if not any_bad:
             return
-        found = [(row[0], key, row, pending[key][2]) for key, row in zip(keys, rows, strict=True) if row[0] >= 0]
+        found = [(entry, count) for entry, count in zip(pending, values, strict=True) if count > 0]
         if not found:
             raise NonFiniteError(f"steps up to {self.step}: non-finite values on another rank")
-        step = min(item[0] for item in found)
-        where = "; ".join(f"{tensor} of the {network} ({nan} NaN, {inf} inf of {_numel(shape)} elements, shape {shape})"
-                          for first, (network, tensor), (_, nan, inf), shape in found if first == step)
-        networks = sorted({network for first, (network, _), _, _ in found if first == step})
+        step = found[0][0][0]
+        first = [(entry, count) for entry, count in found if entry[0] == step]
+        where = "; ".join(f"{tensor} of the {network} ({count} non-finite (NaN or inf) of {_numel(shape)} elements, "
+                          f"shape {shape})" for (_, network, tensor, shape, _), count in first)
+        networks = sorted({entry[1] for entry, _ in first})
         raise NonFiniteError(f"step {step}: non-finite values in the {' and '.join(networks)} update: {where} "
                              f"(found at the check after step {self.step}; health.defer_checks=false stops at once)")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file, save_file
 
 from sid_fast.adversarial import MixtureRealData, build_data_aided_trainer, discriminator_logits, velocity_and_logits
@@ -106,9 +107,8 @@ def _launch(out: Path, nproc: int, port: int) -> None:
 
 def test_zero3_discriminator_logits_identical_on_one_and_two_ranks(tmp_path):
     pytest.importorskip("deepspeed")
-    port = 29800 + os.getpid() % 100
-    _launch(tmp_path / "one", 1, port)
-    _launch(tmp_path / "two", 2, port + 1)
+    _launch(tmp_path / "one", 1, free_port())
+    _launch(tmp_path / "two", 2, free_port())
     one = load_file(tmp_path / "one" / "logits-rank0.safetensors")
     for rank in range(2):
         two = load_file(tmp_path / "two" / f"logits-rank{rank}.safetensors")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from sid_fast.config import load_config
 from sid_fast.engine.ds_config import network_config
@@ -85,7 +86,7 @@ def test_launcher_trains_under_deepspeed(tmp_path):
     """`deepspeed --num_gpus 2 launchers/sd3_medium.py` with its JSON, activation checkpointing and gradient
     accumulation, on the tiny SD3 DiT built in code (fp32 on CPU)."""
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", f"--master_port={29300 + os.getpid() % 400}",
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", f"--master_port={free_port()}",
            "launchers/sd3_medium.py", "--teacher.preset=tiny", "--teacher.dtype=float32", "--teacher.resolution=0",
            "--engine.bf16=false", "--engine.optimizer=torch", "--train.batch_size=2", "--train.grad_accum=2",
            "--train.iterations=2", "--train.progress=false", "--train.log_every=1", f"--train.out_dir={out}"]

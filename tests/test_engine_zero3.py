@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 
 from engine_worker import BASE, TinyRealData, tiny_bundle  # noqa: E402
+from ports import free_port  # noqa: E402
 
 from sid_fast.api import init_student  # noqa: E402
 from sid_fast.config import load_config  # noqa: E402
@@ -44,7 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "engine_worker.py"
 BIN = Path(sys.executable).parent
 ITERATIONS = 6
-_port = [29700 + os.getpid() % 500]
 LORA_RANK = 4
 LORA = [f"teacher.fake_lora_rank={LORA_RANK}", f"train.iterations={ITERATIONS}", "train.grad_accum=2",
         "train.ckpt_every=1", "train.keep_checkpoints=10"]
@@ -63,11 +63,11 @@ def _env(**extra) -> dict:
 def launch(out: Path, nproc: int, *overrides: str, launcher: str = "torchrun", env: dict | None = None,
            wait: bool = True):
     """Start the worker under `launcher` with `nproc` processes; returns the CompletedProcess or Popen."""
-    _port[0] += 1
+    port = free_port()
     if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={_port[0]}"]
+        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}"]
     elif launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={_port[0]}"]
+        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}"]
     else:  # plain python: a 1-process group
         cmd = [sys.executable]
     cmd += [str(WORKER), str(out), *overrides]

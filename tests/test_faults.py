@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from sid_fast.checkpoint import latest_checkpoint, verify
 
@@ -279,12 +279,6 @@ def test_a_dead_or_hung_rank_is_named_within_the_timeout(tmp_path):
             process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_zero3_rank_killed_mid_save_is_named_and_the_run_resumes(tmp_path):
     """Two DeepSpeed ZeRO-3 ranks started separately (as srun or two nodes would): rank 1 SIGKILLs itself inside
     the checkpoint save of step 3; rank 0 exits naming it instead of waiting; torchrun then resumes from step 2."""
@@ -294,7 +288,7 @@ def test_zero3_rank_killed_mid_save_is_named_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     overrides = [f"train.iterations={ITERATIONS}", "train.ckpt_every=1"]
-    port = _free_port()
+    port = free_port()
     ranks = []
     for rank in range(2):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
