@@ -67,6 +67,28 @@ def requires_grad_off(module: nn.Module):
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def frozen_until_backward(module: nn.Module, name: str, held: dict[str, list]):
+    """Switch off `module`'s weight gradients and keep them off after the block, until `release_frozen(held)`:
+    a network whose blocks are recomputed in the next backward (activation checkpointing) must recompute frozen,
+    or the recomputation saves weights the frozen forward did not (and would compute their gradients)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        held.setdefault(name, flags)
+
+
+def release_frozen(held: dict[str, list]) -> None:
+    """Restore the weight-gradient flags kept by `frozen_until_backward` (after the backward)."""
+    for flags in held.values():
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    held.clear()
+
+
 class EMA:
     """fp32 exponential moving average of a module's parameters, decay min(decay, (1 + n) / (10 + n))."""
 

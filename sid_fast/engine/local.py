@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sid_fast.config import OptimConfig
-from sid_fast.engine.base import EMA, TRAINABLE, requires_grad_off
+from sid_fast.engine.base import EMA, TRAINABLE, frozen_until_backward, release_frozen, requires_grad_off
 
 __all__ = ["LocalEngine"]
 
@@ -92,10 +92,7 @@ class LocalEngine:
 
     def backward(self, name: str, loss: Tensor) -> None:
         (loss / self.grad_accum).backward()
-        for flags in self._frozen_until_backward.values():  # recomputed blocks ran frozen: now unfreeze
-            for p, flag in flags:
-                p.requires_grad_(flag)
-        self._frozen_until_backward.clear()
+        release_frozen(self._frozen_until_backward)  # recomputed blocks ran frozen: now unfreeze
 
     def step(self, name: str) -> dict:
         self.micro_steps[name] += 1
@@ -119,13 +116,8 @@ class LocalEngine:
             with requires_grad_off(self.network(name)):
                 yield
             return
-        flags = [(p, p.requires_grad) for p in self.network(name).parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        with frozen_until_backward(self.network(name), name, self._frozen_until_backward):
             yield
-        finally:
-            self._frozen_until_backward.setdefault(name, flags)
 
     def ema_update(self) -> None:
         if self.ema is not None:

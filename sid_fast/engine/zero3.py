@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sid_fast.config import EngineConfig, OptimConfig, TrainConfig
-from sid_fast.engine.base import TRAINABLE, requires_grad_off
+from sid_fast.engine.base import TRAINABLE, frozen_until_backward, release_frozen, requires_grad_off
 from sid_fast.engine.ds_config import network_config
 from sid_fast.engine.local import enable_activation_checkpointing
 from sid_fast.engine.reshard import convert_to_universal
@@ -240,10 +240,7 @@ class DeepSpeedEngine:
         clear = getattr(ds_engine.optimizer, "clear_backward_seen_flag", None)
         if clear is not None:
             clear()
-        for flags in self._frozen_until_backward.values():
-            for p, flag in flags:
-                p.requires_grad_(flag)
-        self._frozen_until_backward.clear()
+        release_frozen(self._frozen_until_backward)
 
     def step(self, name: str) -> dict:
         ds_engine = self.engines[name]
@@ -264,13 +261,8 @@ class DeepSpeedEngine:
             with requires_grad_off(self.network(name)):
                 yield
             return
-        flags = [(p, p.requires_grad) for p in self.network(name).parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        with frozen_until_backward(self.network(name), name, self._frozen_until_backward):
             yield
-        finally:
-            self._frozen_until_backward.setdefault(name, flags)
 
     def ema_update(self) -> None:
         if self.ema is not None:
