@@ -54,12 +54,18 @@ class Engine(Protocol):
     def all_reduce_mean(self, value: Tensor) -> Tensor: ...
 
 
-@contextlib.contextmanager
-def requires_grad_off(module: nn.Module):
-    """Temporarily switch off weight gradients of `module`, restoring each parameter's flag afterwards."""
+def _switch_off(module: nn.Module) -> list:
+    """Each parameter of `module` with its requires_grad flag, then every flag switched off."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
+    return flags
+
+
+@contextlib.contextmanager
+def requires_grad_off(module: nn.Module):
+    """Temporarily switch off weight gradients of `module`, restoring each parameter's flag afterwards."""
+    flags = _switch_off(module)
     try:
         yield
     finally:
@@ -72,9 +78,7 @@ def frozen_until_backward(module: nn.Module, name: str, held: dict[str, list]):
     """Switch off `module`'s weight gradients and keep them off after the block, until `release_frozen(held)`:
     a network whose blocks are recomputed in the next backward (activation checkpointing) must recompute frozen,
     or the recomputation saves weights the frozen forward did not (and would compute their gradients)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
+    flags = _switch_off(module)
     try:
         yield
     finally:
