@@ -72,15 +72,24 @@ def dry_run(config, plan_spec, args) -> None:
 
 
 def main(preset: str, plan_spec, argv: list[str] | None = None, base_yaml: Path | None = None) -> int:
-    """Run launcher `preset` (a YAML in configs/ over `base_yaml`, with its DeepSpeed JSON beside it)."""
+    """Run launcher `preset` (a YAML in configs/ over `base_yaml`, with its DeepSpeed JSON beside it). What the user
+    can fix (a config field, an override, a teacher directory) is one line and status 2, as for `sid-fast`."""
+    from sid_fast.cli import run_command
+
+    return run_command(preset, lambda _: _run(preset, plan_spec, argv, base_yaml), None, prog=f"launchers/{preset}.py")
+
+
+def _run(preset: str, plan_spec, argv: list[str] | None, base_yaml: Path | None) -> int:
     from sid_fast.config import load_config
+    from sid_fast.errors import ConfigError
 
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
     defaults = [f"engine.ds_config={CONFIGS / (preset + '.json')}"] if (CONFIGS / (preset + ".json")).is_file() else []
     base = load_config(base_yaml) if base_yaml is not None else None
     config = load_config(CONFIGS / f"{preset}.yaml", defaults + overrides, base=base)
     if config.engine.kind != "deepspeed":
-        raise SystemExit("launchers run the DeepSpeed engine: engine.kind must be deepspeed")
+        raise ConfigError(f"config field engine.kind: launchers run the DeepSpeed engine, got {config.engine.kind!r} "
+                          f"(use `sid-fast distill` for the local engine)")
     if args.dry_run:
         dry_run(config, plan_spec, args)
         return 0

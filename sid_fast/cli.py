@@ -55,22 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(name, module.run, args)
 
 
-def run_command(name: str, run, args) -> int:
+def run_command(name: str, run, args, prog: str | None = None) -> int:
     """`run(args)`, with what the user can fix told apart from bugs (sid_fast/errors.py, docs/reliability.md):
-    a user error prints ONE line, `sid-fast NAME: error: <thing>: <what is wrong>`, and returns 2; a lost rank of a
-    distributed run one line naming it, and 1; any other exception is a bug and propagates with its traceback."""
+    a user error prints ONE line, `sid-fast NAME: error: <thing>: <what is wrong>` (`PROG: error: ...` when `prog`
+    is given, e.g. a launcher script), and returns 2; a lost rank of a distributed run one line naming it, and 1; any
+    other exception is a bug and propagates with its traceback."""
     from sid_fast.errors import is_user_error, lost_rank_error, one_line
 
+    prog = prog or f"sid-fast {name}"
     try:
         return int(run(args) or 0)
     except Exception as error:
         lost = lost_rank_error(error)
         if lost is not None:
-            print(f"sid-fast {name}: error: {one_line(lost)}", file=sys.stderr)
+            print(f"{prog}: error: {one_line(lost)}", file=sys.stderr)
             return 1
         if not is_user_error(error):
             raise
-        print(f"sid-fast {name}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -296,7 +296,8 @@ class SiDTrainer:
             state = load_checkpoint(directory, self.engine, self.rng)
         except CheckpointError as error:
             others = sorted(p.name for p in self.ckpt_root.glob("step-*") if p != Path(directory))
-            hint = f"; other checkpoints in {self.ckpt_root}: {others} (resume one with resume(directory))" if others else ""
+            hint = (f"; other checkpoints in {self.ckpt_root}: {others} (to resume one, write its name into "
+                    f"{self.ckpt_root / 'latest'}, or call SiDTrainer.resume(directory))") if others else ""
             raise CheckpointError(f"{error}{hint}") from None
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.conditions.load_state_dict(state["conditions"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import RANK_TIMEOUT_S, run_ranks
 
 from sid_fast.eval.metrics import ClipScore
 
@@ -79,10 +80,6 @@ def test_loads_from_a_directory_and_matches_the_direct_score(clip_dir):
         ClipScore(directory / "missing")
 
 
-RANK_TIMEOUT_S = 120  # rendezvous and each collective: generous for a loaded 2-core machine, but bounded
-RUN_TIMEOUT_S = 300  # both ranks, imports included
-
-
 def _clip_rank(rank: int, world_size: int, init_file: str, directory: str, out: str) -> None:
     import datetime
 
@@ -104,27 +101,6 @@ def _clip_rank(rank: int, world_size: int, init_file: str, directory: str, out: 
         Path(out, f"rank{rank}.txt").write_text(repr(value))
     finally:
         dist.destroy_process_group()
-
-
-def run_ranks(fn, args: tuple, nprocs: int, timeout: float = RUN_TIMEOUT_S) -> None:
-    """`fn(rank, *args)` in `nprocs` spawned processes, joined with a bound: a rank that fails raises with its
-    traceback (torch.multiprocessing names the process = rank); ranks still running at the deadline are named
-    and killed."""
-    import time
-
-    context = torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=False,
-                                                    start_method="spawn")  # fork after OpenMP use deadlocks
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
-                pytest.fail(f"rank(s) {alive} of {nprocs} did not finish within {timeout:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
 
 
 def test_two_gloo_ranks_give_the_single_process_value(clip_dir, tmp_path):

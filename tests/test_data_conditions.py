@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import RANK_TIMEOUT_S, run_ranks
 from torch import nn
 
 from sid_fast.config import DataConfig, MethodConfig, SiDConfig, TrainConfig, load_config
@@ -147,9 +148,12 @@ def test_trainer_checkpoints_and_resumes_the_data_position(shards, tmp_path):
 
 
 def _distributed_rank(rank: int, world_size: int, init_file: str, shards: str, out: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     try:
         conditions = ShardConditions(shards, num_workers=0, seed=1, shuffle_buffer=3)  # rank and world from torch.distributed
         keys = draw(conditions, [5, 4])
@@ -162,8 +166,9 @@ def _distributed_rank(rank: int, world_size: int, init_file: str, shards: str, o
 
 
 def test_under_torch_distributed_the_state_holds_every_rank(shards, tmp_path):
-    torch.multiprocessing.start_processes(_distributed_rank, args=(2, str(tmp_path / "init"), str(shards), str(tmp_path)),
-                                          nprocs=2, start_method="fork")
+    run_ranks(_distributed_rank, (2, str(tmp_path / "init"), str(shards), str(tmp_path)), nprocs=2)
+    missing = [rank for rank in range(2) if not (tmp_path / f"rank{rank}.json").is_file()]
+    assert not missing, f"rank(s) {missing} exited without a result (interrupted?)"
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
     state = results[0]["state"]  # what rank 0 writes into state.json

@@ -38,6 +38,9 @@ def inputs(tmp_path_factory) -> Path:
     flux = d / "flux-named-sd3"  # a teacher directory of another family
     (flux / "transformer").mkdir(parents=True)
     (flux / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    torn = d / "torn-config"  # a transformer config cut off mid-write
+    (torn / "transformer").mkdir(parents=True)
+    (torn / "transformer" / "config.json").write_text('{"_class_name": "SD3Transformer2DModel", "in_chan')
     # a run directory whose newest checkpoint has one flipped byte (the older one is intact)
     root = d / "run" / "checkpoints"
     for step in (1, 2):
@@ -82,6 +85,8 @@ CASES = [
      ("teacher.path", "{d}/nowhere", "does not exist")),
     (["distill", "--teacher.kind=flux", "--teacher.path={d}/flux-named-sd3", "--train.out_dir={d}/o4"],
      "{d}/flux-named-sd3/transformer/config.json: _class_name is 'SD3Transformer2DModel', but a flux teacher needs"),
+    (["distill", "--teacher.kind=sd3", "--teacher.path={d}/torn-config", "--train.out_dir={d}/o4b"],
+     "{d}/torn-config/transformer/config.json is not a JSON config (Unterminated string"),
     (["distill", "--data.shards={d}/nowhere"], "config field data.shards: '{d}/nowhere' is not a finished shard directory"),
     (["distill", *SD3, "--data.shards={d}/shards", "--train.out_dir={d}/o5"], "{d}/shards/manifest.json is unreadable"),
     (["distill", "--train.out_dir={d}/a_file"], "train.out_dir {d}/a_file: exists and is not a directory"),
@@ -196,3 +201,13 @@ def test_the_installed_command_prints_one_line_and_exits_2(inputs):
     assert result.returncode == 2, result.stderr[-3000:]
     assert error_line(result.stderr, "sid-fast prepare") == (f"sid-fast prepare: error: {inputs}/binary.txt:2: not UTF-8 "
                                                               "text (byte 0x9e at column 1): a prompt file holds UTF-8 text")
+
+
+def test_a_launcher_prints_one_line_and_exits_2(inputs):
+    """The DeepSpeed launchers report what the user can fix as `sid-fast` does: one line, status 2."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "launchers" / "sd3_medium.py"), "--dry-run",
+                             "--train.nosuch=1"], capture_output=True, text=True, timeout=240,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "unknown config field(s) ['train.nosuch']" in error_line(result.stderr, "launchers/sd3_medium.py")

@@ -42,7 +42,18 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a teacher directory is what diffusers' save_pretrained writes "
                                 f"(transformer/config.json, vae/config.json, ...)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        from sid_fast.errors import InputError
+
+        raise InputError(f"{path} is not a JSON config ({error}): a teacher directory is what diffusers' "
+                         f"save_pretrained writes") from None
+    if not isinstance(config, dict):
+        from sid_fast.errors import InputError
+
+        raise InputError(f"{path}: expected a JSON object (a diffusers config), found {type(config).__name__}")
+    return config
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -68,7 +79,7 @@ def check_teacher_dir(path: str | Path, family: str) -> dict:
     if found != spec.transformer_class:
         raise ValueError(f"{config_file}: _class_name is {found!r}, but a {family} teacher needs {spec.transformer_class!r}")
     vae_file = path / "vae" / "config.json"
-    vae = json.loads(vae_file.read_text()) if vae_file.is_file() else {}
+    vae = _read_json(vae_file) if vae_file.is_file() else {}
     if not vae:  # a generator export has no VAE: nothing to hold the channels against
         return {"transformer": config, "vae": vae}
     channels = vae.get("latent_channels", spec.latent_channels)
