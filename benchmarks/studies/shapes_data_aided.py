@@ -95,25 +95,6 @@ def train_data_free(config):
     return state, seconds
 
 
-def compare(a, b) -> str:
-    """Whether row a beats row b beyond the 95% intervals on correctness (one-object) or FD."""
-    better, worse = [], []
-    sa, sb = a.scores["1obj"], b.scores["1obj"]
-    if sa.interval[0] > sb.interval[1]:
-        better.append("correctness")
-    elif sa.interval[1] < sb.interval[0]:
-        worse.append("correctness")
-    if a.fd is not None and b.fd is not None:
-        if a.fd[1][1] < b.fd[1][0]:
-            better.append("Fréchet distance")
-        elif a.fd[1][0] > b.fd[1][1]:
-            worse.append("Fréchet distance")
-    if not better and not worse:
-        return f"{a.name} vs {b.name}: no difference beyond the 95% intervals"
-    parts = ([f"better on {' and '.join(better)}"] if better else []) + ([f"worse on {' and '.join(worse)}"] if worse else [])
-    return f"{a.name} vs {b.name}: {', '.join(parts)} (95% intervals separated)"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", required=True, help="the data-free generator to start from (file or checkpoint dir)")
@@ -213,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     state, seconds = train_data_free(free)
     rows.append(scored(f"continued data-free SiD (+{args.iterations} it)", generator_from(teacher, state), seconds))
 
-    verdicts = [compare(rows[1], rows[2]), compare(rows[1], rows[0]), compare(rows[2], rows[0])]
+    verdicts = [demo.compare_rows(rows[1], rows[2]), demo.compare_rows(rows[1], rows[0]), demo.compare_rows(rows[2], rows[0])]
     command = "python benchmarks/studies/shapes_data_aided.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     settings = {"label": args.label, "teacher": str(teacher_path), "init": str(init), "num_steps": k,
                 "iterations": args.iterations, "batch_size": train.batch_size, "warmup_images": warmup,

@@ -296,6 +296,25 @@ def gain_verdict(start: Row, fresh: Row) -> str:
             "try --full (docs/shapes.md)")
 
 
+def compare_rows(a: Row, b: Row) -> str:
+    """Whether row a beats row b beyond the 95% intervals on correctness (one-object) or FD."""
+    better, worse = [], []
+    sa, sb = a.scores["1obj"], b.scores["1obj"]
+    if sa.interval[0] > sb.interval[1]:
+        better.append("correctness")
+    elif sa.interval[1] < sb.interval[0]:
+        worse.append("correctness")
+    if a.fd is not None and b.fd is not None:
+        if a.fd[1][1] < b.fd[1][0]:
+            better.append("Fréchet distance")
+        elif a.fd[1][0] > b.fd[1][1]:
+            worse.append("Fréchet distance")
+    if not better and not worse:
+        return f"{a.name} vs {b.name}: no difference beyond the 95% intervals"
+    parts = ([f"better on {' and '.join(better)}"] if better else []) + ([f"worse on {' and '.join(worse)}"] if worse else [])
+    return f"{a.name} vs {b.name}: {', '.join(parts)} (95% intervals separated)"
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
