@@ -167,3 +167,31 @@ def test_study_compares_data_aided_and_data_free_from_a_shipped_format_start(wor
     # the same generator warm-up in both runs; L_adv only in SiD²ₐ
     assert ["loss_generator" in r for r in aided] == ["loss_generator" in r for r in free] == [False, True, True]
     assert ["loss_adv" in r for r in aided] == [False, False, True] and not any("loss_adv" in r for r in free)
+
+
+def test_lora_study_trains_times_and_scores_every_arm(world, tmp_path):
+    """benchmarks/studies/shapes_lora_fake.py on the tiny teacher: the arms share everything but the fake score."""
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("shapes_lora_fake", ROOT / "benchmarks" / "studies" / "shapes_lora_fake.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    work, out = tmp_path / "work", tmp_path / "results" / "lora"
+    common = ["--teacher", str(world["teacher"]), "--num-steps", "1", "--iterations", "2", "--captions", "24",
+              "--work", str(work), "--label", "tiny", "--set", "data.num_workers=0", "train.batch_size=2",
+              "train.fake_warmup_iters=0", "train.ema_decay=0"]
+    for arm in ("full", "lora2"):
+        study.main(["train", "--arm", arm, *common])
+    study.main(["time", "--arms", "full", "lora2", "--rounds", "1", "--time-iterations", "1", *common])
+    timing = json.loads((work / "timing.json").read_text())
+    assert set(timing["seconds_per_iteration"]) == {"full", "lora2"}
+    assert 0 < timing["fake_trainable"]["lora2"] < timing["fake_trainable"]["full"] / 4
+    full, lora = (load_file(work / arm / "generator.safetensors") for arm in ("full", "lora2"))
+    assert full.keys() == lora.keys() and any(not torch.equal(full[k], lora[k]) for k in full)  # different fake scores
+    results = study.main(["score", "--arms", "full", "lora2", "--prompts", "12", "--two-object-prompts", "0",
+                          "--out", str(out), *common])
+    assert [row["name"] for row in results["rows"]] == ["full fake-score copy", "LoRA fake score, rank 2"]
+    assert results["verdicts"][0].startswith("LoRA fake score, rank 2 vs full fake-score copy:")
+    table = out.with_suffix(".md").read_text()
+    assert "| LoRA fake score, rank 2 |" in table and "| lora2 |" in table
+    assert [json.loads(line)["lora_rank"] for line in out.with_suffix(".jsonl").read_text().splitlines()] == [0, 2]

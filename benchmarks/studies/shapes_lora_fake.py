@@ -60,7 +60,7 @@ def prompt_shards(args) -> Path:
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     encoder = MiniLMEncoder(max_length=20)
-    shards = demo.prepare_shards(Path(args.work), encoder, progress=False)
+    shards = demo.prepare_shards(Path(args.work), encoder, progress=False, captions=args.captions)
     encoder.release()
     return shards
 
@@ -153,7 +153,7 @@ def score(args) -> dict:
         print(f"[lora study] {arm}: " + ", ".join(f"{k} {v}" for k, v in row.scores.items())
               + (f", FD {row.fd[0]:.1f}" if row.fd else ""), flush=True)
     verdicts = [demo.compare_rows(row, rows[0]) for row in rows[1:]]
-    command = "python benchmarks/studies/shapes_lora_fake.py " + shlex.join(sys.argv[1:])
+    command = "python benchmarks/studies/shapes_lora_fake.py " + shlex.join(args.argv)
     common = {"label": args.label, "teacher": str(teacher_path), "num_steps": args.num_steps, "seed": args.seed,
               "prompts": args.prompts, "two_object_prompts": args.two_object_prompts, "fd_chunks": chunks,
               "overrides": list(args.set)}
@@ -189,7 +189,7 @@ def score(args) -> dict:
     return {"rows": [r.as_dict() for r in rows], "verdicts": verdicts}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["train", "time", "score"])
     parser.add_argument("--arm", default="full", help="train: the arm (full or loraR)")
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-iterations", type=int, default=2, help="time: iterations per arm and round")
     parser.add_argument("--prompts", type=int, default=400, help="score: held-out one-object prompts")
     parser.add_argument("--two-object-prompts", type=int, default=200)
+    parser.add_argument("--captions", type=int, default=0, help="training captions in the prompt shards (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="run")
     parser.add_argument("--work", default="runs/shapes-lora")
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="score: writes OUT.md and appends to OUT.jsonl")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         (Path(args.work) / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
     else:
-        score(args)
+        return score(args)
+    return None
 
 
 if __name__ == "__main__":
