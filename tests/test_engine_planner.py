@@ -102,8 +102,9 @@ PUBLIC_CONFIGS = {  # the released transformers' diffusers configs (what `from_p
 
 
 def test_lora_sizes_are_counted_from_the_diffusers_models():
-    """ModelSpec.lora_per_rank is what make_lora_fake_score adds to each released transformer (built on the meta
-    device from its public config: no weights), per unit of rank."""
+    """ModelSpec's counts are those of each released transformer built on the meta device from its public config
+    (no weights): parameters, largest layer and floating buffers, and lora_per_rank = what make_lora_fake_score adds
+    per unit of rank."""
     import diffusers
     import torch
 
@@ -113,7 +114,10 @@ def test_lora_sizes_are_counted_from_the_diffusers_models():
         with torch.device("meta"):
             model = getattr(diffusers, cls)(**config)
         assert lora_params_per_rank(model) == MODELS[key].lora_per_rank, key
-        assert sum(p.numel() for p in model.parameters()) == pytest.approx(MODELS[key].params, rel=0.1), key
+        spec = spec_from_module(model, key, hidden=0, blocks=0, text_tokens=0, latent_factor=1)
+        assert spec.params == pytest.approx(MODELS[key].params, rel=1e-4), key
+        assert spec.largest_layer == pytest.approx(MODELS[key].largest_layer, rel=1e-3), key
+        assert spec.buffers == pytest.approx(MODELS[key].buffers, rel=1e-3, abs=1), key
 
 
 def test_lora_fake_score_costs_its_adapters_only():
@@ -140,7 +144,7 @@ def test_min_gpus_flux_lora_fits_four_80gb_gpus():
         fewer = plan(flux, dataclasses.replace(options, lora_fake_rank=rank, gpus_per_node=gpus - 1))
         assert not fewer["fits"]
     assert min_gpus(flux, dataclasses.replace(options, activation_checkpointing=False)) is None
-    assert describe_min_gpus(min_gpus(MODELS["sd35-large"], PlanOptions(resolution=1024))).startswith("24 (3 nodes")
+    assert describe_min_gpus(min_gpus(MODELS["sd35-large"], PlanOptions(resolution=1024))).startswith("25 (4 nodes")
 
 
 def test_plan_command_min_gpus_and_lora(capsys):

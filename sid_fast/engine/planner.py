@@ -43,18 +43,25 @@ class ModelSpec:
     lora_per_rank: float = 0.0
     """LoRA parameters per unit of rank of the fake score's adapters: Σ (d_in + d_out) over the linear layers
     `make_lora_fake_score` adapts (to_q, to_k, to_v, to_out.0 of every attention); 0: estimated as 8·hidden per block."""
+    buffers: float = 0.0
+    """Elements of floating-point buffers (SD3's positional-embedding table): not parameters, so ZeRO-3 does not
+    partition them; every rank holds them whole, once per network tree (a LoRA fake score shares the teacher's)."""
 
 
-# Public configs of the diffusers transformers (param counts from the released checkpoints). lora_per_rank: counted
-# with sid_fast.models.lora.lora_params_per_rank on the diffusers model built from the public config on the meta
-# device (SD3: 24 joint attentions; SD3.5-Medium: 24 + 13 dual; SD3.5-Large: 38; FLUX: 19 double-stream attentions
-# with to_out + 38 single-stream without; SANA: 20 self- + 20 cross-attentions).
+# Public configs of the diffusers transformers. Parameters, largest layer, buffers and lora_per_rank are counted on
+# the diffusers model built from the public config on the meta device (tests/test_engine_planner.py checks them);
+# lora_per_rank with sid_fast.models.lora.lora_params_per_rank (SD3: 24 joint attentions; SD3.5-Medium: 24 + 13
+# dual; SD3.5-Large: 38; FLUX: 19 double-stream attentions with to_out + 38 single-stream without; SANA: 20 self- +
+# 20 cross-attentions). SD3's buffer is its positional-embedding table, (pos_embed_max_size)² × hidden.
 MODELS = {
-    "sana-1.6b": ModelSpec("SANA 1.6B", 1.60e9, 30.1e6, 2240, 20, 0, 32, lora_per_rank=716_800),
-    "sd3-medium": ModelSpec("SD3-Medium", 2.03e9, 14.2e6, 1536, 24, 333, 16, lora_per_rank=294_912),
-    "sd35-medium": ModelSpec("SD3.5-Medium", 2.47e9, 14.2e6, 1536, 24, 333, 16, lora_per_rank=454_656),
-    "sd35-large": ModelSpec("SD3.5-Large", 8.06e9, 35.5e6, 2432, 38, 333, 16, lora_per_rank=739_328),
-    "flux-dev": ModelSpec("FLUX.1-dev", 11.90e9, 56.6e6, 3072, 57, 512, 16, lora_per_rank=1_167_360),
+    "sana-1.6b": ModelSpec("SANA 1.6B", 1.6045e9, 30.12e6, 2240, 20, 0, 32, lora_per_rank=716_800),
+    "sd3-medium": ModelSpec("SD3-Medium", 2.0283e9, 14.16e6, 1536, 24, 333, 16, lora_per_rank=294_912,
+                            buffers=56.62e6),
+    "sd35-medium": ModelSpec("SD3.5-Medium", 2.2432e9, 21.25e6, 1536, 24, 333, 16, lora_per_rank=454_656,
+                             buffers=226.49e6),
+    "sd35-large": ModelSpec("SD3.5-Large", 8.0566e9, 35.50e6, 2432, 38, 333, 16, lora_per_rank=739_328,
+                            buffers=89.65e6),
+    "flux-dev": ModelSpec("FLUX.1-dev", 11.9014e9, 56.64e6, 3072, 57, 512, 16, lora_per_rank=1_167_360),
 }
 
 
@@ -132,8 +139,10 @@ def plan(spec: ModelSpec, options: PlanOptions) -> dict:
         per_pass = spec.blocks * per_block_full
     passes = 1 + (2 if options.cfg else 1) * 2  # generator + teacher + fake score (§3)
     activations = options.micro_batch * passes * per_pass
+    trees = 2 if options.lora_fake_rank > 0 else 3  # network trees holding their own buffers
     parts = {"teacher_params": teacher, "fake_score_states": fake, "generator_states": generator,
-             "activations": activations, "overhead": options.overhead_gib * GIB}
+             "buffers": trees * weight_bytes * spec.buffers, "activations": activations,
+             "overhead": options.overhead_gib * GIB}
     total = sum(parts.values())
     return {"model": spec.name, "tokens": tokens, **asdict(options), **parts, "total": total,
             "fits": total <= options.gpu_gib * GIB, "fake_score_parts": fake_parts, "generator_parts": generator_parts}
@@ -187,8 +196,10 @@ def spec_from_module(module, name: str, hidden: int, blocks: int, text_tokens: i
 
     params = sum(p.numel() for p in module.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
+    buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     try:
         per_rank = float(lora_params_per_rank(module, lora_targets))
     except ValueError:  # no linear layer to adapt
         per_rank = 0.0
-    return ModelSpec(name, float(params), float(largest), hidden, blocks, text_tokens, latent_factor, per_rank)
+    return ModelSpec(name, float(params), float(largest), hidden, blocks, text_tokens, latent_factor, per_rank,
+                     float(buffers))
