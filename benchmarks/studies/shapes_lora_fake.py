@@ -79,8 +79,13 @@ def train(args) -> None:
     print(f"[lora study] {args.arm}: {record}", flush=True)
 
 
+PHASES = {"iteration": ["train.fake_warmup_iters=0"], "fake update": ["train.fake_warmup_iters=1000000000"]}
+"""What `time` measures: a whole SiD iteration (fake-score update(s) + generator update), and the fake-score
+update alone (an iteration of the fake-score warm-up, where the generator waits)."""
+
+
 def time_arms(args) -> dict:
-    """Median seconds per SiD iteration (fake updates + generator update) of each arm, interleaved rounds."""
+    """Median seconds per SiD iteration and per fake-score update of each arm, in interleaved rounds."""
     from sid_fast.composition import build_trainer
     from sid_fast.data import build_conditions
     from sid_fast.models.registry import build_teacher
@@ -88,29 +93,30 @@ def time_arms(args) -> dict:
     shards = prompt_shards(args)
     trainers = {}
     for arm in args.arms:
-        config = arm_config(args, arm, shards, ["train.fake_warmup_iters=0", "train.resume=false",
-                                                f"train.out_dir={Path(args.work) / 'timing' / arm}"])
-        bundle = build_teacher(config.teacher)
-        bundle.conditions = build_conditions(config.data, None, config.train.seed)
-        trainers[arm] = build_trainer(config, bundle)
-        trainers[arm].train_step()  # warm-up iteration (allocator, first-call paths)
-    times = {arm: [] for arm in args.arms}
+        for phase, extra in PHASES.items():
+            config = arm_config(args, arm, shards, extra + ["train.resume=false",
+                                                            f"train.out_dir={Path(args.work) / 'timing' / arm}"])
+            bundle = build_teacher(config.teacher)
+            bundle.conditions = build_conditions(config.data, None, config.train.seed)
+            trainers[arm, phase] = build_trainer(config, bundle)
+            trainers[arm, phase].train_step()  # warm-up iteration (allocator, first-call paths)
+    times = {key: [] for key in trainers}
     for _ in range(args.rounds):
-        for arm, trainer in trainers.items():
+        for key, trainer in trainers.items():
             start = time.perf_counter()
             for _ in range(args.time_iterations):
                 trainer.train_step()
-            times[arm].append((time.perf_counter() - start) / args.time_iterations)
-    result = {arm: statistics.median(t) for arm, t in times.items()}
-    for arm, seconds in result.items():
-        trainable = sum(p.numel() for p in trainers[arm].engine.fake_score.parameters() if p.requires_grad)
-        print(f"[lora study] {arm}: {seconds:.3f} s/it (median of {args.rounds} rounds x {args.time_iterations} "
-              f"iterations, {torch.get_num_threads()} threads), fake score trainable parameters {trainable}",
-              flush=True)
-    return {"seconds_per_iteration": result, "threads": torch.get_num_threads(), "rounds": args.rounds,
-            "iterations_per_round": args.time_iterations,
-            "fake_trainable": {arm: sum(p.numel() for p in t.engine.fake_score.parameters() if p.requires_grad)
-                               for arm, t in trainers.items()}}
+            times[key].append((time.perf_counter() - start) / args.time_iterations)
+    result = {phase: {arm: statistics.median(times[arm, phase]) for arm in args.arms} for phase in PHASES}
+    trainable = {arm: sum(p.numel() for p in trainers[arm, "iteration"].engine.fake_score.parameters()
+                          if p.requires_grad) for arm in args.arms}
+    for arm in args.arms:
+        print(f"[lora study] {arm}: " + ", ".join(f"{phase} {result[phase][arm]:.3f} s" for phase in PHASES)
+              + f" (median of {args.rounds} rounds x {args.time_iterations}, {torch.get_num_threads()} threads), "
+              f"fake score trainable parameters {trainable[arm]}", flush=True)
+    return {"seconds_per_iteration": result["iteration"], "seconds_per_fake_update": result["fake update"],
+            "threads": torch.get_num_threads(), "rounds": args.rounds, "iterations_per_round": args.time_iterations,
+            "fake_trainable": trainable}
 
 
 def score(args) -> dict:
@@ -165,12 +171,15 @@ def score(args) -> dict:
     table = demo.format_table(rows)
     speed = ""
     if timing:
-        full = timing["seconds_per_iteration"].get("full")
-        speed = "\n| arm | fake-score trainable parameters | s / iteration | vs full |\n|---|---|---|---|\n" + "\n".join(
-            f"| {arm} | {timing['fake_trainable'][arm]:,} | {s:.2f} | "
-            f"{(s / full if full else float('nan')):.2f}x |" for arm, s in timing["seconds_per_iteration"].items()) + (
-            f"\n\nSeconds per SiD iteration (the recipe's fake-score update(s) + 1 generator update at its batch), "
-            f"median of {timing['rounds']} interleaved rounds of "
+        spi, spf = timing["seconds_per_iteration"], timing.get("seconds_per_fake_update", {})
+        full_i, full_f = spi.get("full"), spf.get("full")
+        speed = ("\n| arm | fake-score trainable parameters | s / iteration | vs full | s / fake-score update | vs full |"
+                 "\n|---|---|---|---|---|---|\n") + "\n".join(
+            f"| {arm} | {timing['fake_trainable'][arm]:,} | {s:.2f} | {s / full_i if full_i else float('nan'):.2f}x | "
+            f"{spf.get(arm, float('nan')):.2f} | {spf.get(arm, float('nan')) / full_f if full_f else float('nan'):.2f}x |"
+            for arm, s in spi.items()) + (
+            f"\n\nSeconds per SiD iteration (the recipe's fake-score update + 1 generator update at its batch) and per "
+            f"fake-score update alone (a warm-up iteration), median of {timing['rounds']} interleaved rounds of "
             f"{timing['iterations_per_round']} iterations, {timing['threads']} threads, measured side by side in one "
             f"process by `time`.\n")
     lines = "\n".join(f"- {v}" for v in verdicts)
