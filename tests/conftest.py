@@ -32,3 +32,22 @@ def quiet_libraries():
     yield
     for logger, level in zip(loggers, levels):
         logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def mixture_lanes(tmp_path_factory):
+    """The exact-mixture distillations running in the background (tests/mixture_lanes.py)."""
+    from mixture_lanes import Lanes
+
+    lanes = Lanes(tmp_path_factory.mktemp("mixture-lanes"))
+    yield lanes
+    lanes.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_mixture_lanes_early(request):
+    """Start the mixture distillations with the session when their tests are selected: about 8 min of two cores
+    that the rest of the suite would otherwise wait for at the end."""
+    if any(item.path.name == "test_sid_mixture.py" for item in request.session.items):
+        request.getfixturevalue("mixture_lanes")
+    yield

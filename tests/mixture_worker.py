@@ -22,6 +22,7 @@ def main() -> None:
     from sid_fast.models.registry import build_teacher
 
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as tests/conftest.py sets for the test process
     for job in json.loads(sys.argv[1]):
         bundle = build_teacher(TeacherConfig(kind="mixture", preset=job["preset"]))
         config = load_config(PRESET, [f"teacher.preset={job['preset']}", f"train.out_dir={job['dir']}",

@@ -2,18 +2,13 @@
 the true distribution (mode coverage, weights, energy distance near the sample-size noise floor) and beat
 the teacher's own 4-step Euler sampler. The settings are the demo preset (sid_fast/presets/mixture_ring8.yaml).
 
-The four distillations run in two worker processes side by side at one thread each (tests/mixture_worker.py),
-started when the module's first test asks for one; each test waits for its own job, bounded by JOB_TIMEOUT."""
-
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+The four distillations run in two worker processes side by side at one thread each (tests/mixture_lanes.py,
+tests/mixture_worker.py), started when the test session starts (tests/conftest.py) so that they overlap the rest
+of the suite; each test waits for its own job, bounded."""
 
 import pytest
 import torch
+from mixture_lanes import KAPPAS
 
 from sid_fast.api import init_student
 from sid_fast.config import TeacherConfig
@@ -23,66 +18,6 @@ from sid_fast.models.registry import build_teacher
 from sid_fast.sampler import euler_sample, few_step_sample
 
 N = 4000
-WORKER = Path(__file__).with_name("mixture_worker.py")
-KAPPAS = [(2.0, 2.0, 2.0), (1.0, 1.0, 2.0)]
-JOBS = {
-    "1-step": ("ring8", ["method.num_steps=1"]),
-    "4-step": ("ring8", ["method.num_steps=4"]),
-    **{f"guided-{k1}-{k2}-{k4}": ("ring8-cond4", [
-        "train.iterations=800", "method.num_steps=1", f"method.kappa_fake_loss={k1}", f"method.kappa_fake_gen={k2}",
-        f"method.kappa_teacher={k4}"]) for k1, k2, k4 in KAPPAS},
-}
-LANES = [["4-step", "guided-1.0-1.0-2.0"], ["1-step", "guided-2.0-2.0-2.0"]]
-"""Two lanes of about equal length (the 4-step run is the longest job)."""
-JOB_TIMEOUT = 1800.0
-
-
-class Lanes:
-    """The two worker processes and the files their jobs write."""
-
-    def __init__(self, root: Path):
-        self.root, self.procs = root, []
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        for index, lane in enumerate(LANES):
-            jobs = [{"preset": JOBS[name][0], "overrides": JOBS[name][1], "dir": str(root / name),
-                     "out": str(self.out(name))} for name in lane]
-            log = open(root / f"lane{index}.log", "w")
-            proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(jobs)], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            log.close()
-            self.procs.append((proc, root / f"lane{index}.log", lane))
-
-    def out(self, name: str) -> Path:
-        return self.root / f"{name}.pt"
-
-    def state(self, name: str) -> dict:
-        """The EMA generator state of job `name`, waiting for it at most JOB_TIMEOUT seconds."""
-        proc, log, _ = next(entry for entry in self.procs if name in entry[2])
-        deadline = time.monotonic() + JOB_TIMEOUT
-        while not self.out(name).is_file():
-            if proc.poll() is not None and not self.out(name).is_file():
-                pytest.fail(f"mixture job {name}: its worker exited with status {proc.returncode} without writing "
-                            f"{self.out(name)}; the worker's log ends:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mixture job {name} did not finish within {JOB_TIMEOUT:.0f} s (worker log {log})")
-            time.sleep(0.5)
-        return torch.load(self.out(name), weights_only=True)
-
-    def close(self) -> None:
-        for proc, _, _ in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture(scope="module")
-def lanes(tmp_path_factory):
-    started = Lanes(tmp_path_factory.mktemp("mixture-lanes"))
-    yield started
-    started.close()
-
-
 def generator_of(bundle, state: dict) -> torch.nn.Module:
     _, generator = init_student(bundle.teacher, bundle.student)
     generator.load_state_dict(state)
@@ -99,13 +34,13 @@ def ring():
 
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["1-step", "4-step"])
-def distilled(request, ring, lanes):
+def distilled(request, ring, mixture_lanes):
     """Distil a K-step generator once per module with the demo preset and score three sample sets against
     three fresh true sets (a steadier estimate than one draw); also score the teacher's 4-step Euler sampler."""
     num_steps = request.param
     bundle, floor = ring
     mixture = bundle.reference
-    generator = generator_of(bundle, lanes.state(f"{num_steps}-step"))
+    generator = generator_of(bundle, mixture_lanes.state(f"{num_steps}-step"))
     cond = bundle.conditions.unconditional(N)
     scores, euler4 = [], []
     for draw in range(3):
@@ -133,10 +68,10 @@ def test_sid_energy_distance_near_the_noise_floor(distilled):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kappas", KAPPAS)
-def test_guided_sid_stays_finite_and_covers_modes(lanes, kappas):
+def test_guided_sid_stays_finite_and_covers_modes(mixture_lanes, kappas):
     bundle = build_teacher(TeacherConfig(kind="mixture", preset="ring8-cond4"))
     k1, k2, k4 = kappas
-    generator = generator_of(bundle, lanes.state(f"guided-{k1}-{k2}-{k4}"))
+    generator = generator_of(bundle, mixture_lanes.state(f"guided-{k1}-{k2}-{k4}"))
     labels = torch.arange(2000) % 4
     cond = bundle.conditions.unconditional(2000)
     cond.labels = labels
