@@ -68,12 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     encoder = MiniLMEncoder(max_length=20)
     shards = demo.prepare_shards(out, encoder) if set(args.steps) - set(trained) else None  # only training needs them
     net = load_feature_net(SHIPPED_FEATURES) if SHIPPED_FEATURES.is_file() else None
-    sets = {1: demo.build_eval_set(1, args.prompts, encoder, net, args.seed)}
-    if args.two_object_prompts:
-        sets[2] = demo.build_eval_set(2, args.two_object_prompts, encoder, None, args.seed)
+    sets = demo.build_eval_sets(args.prompts, args.two_object_prompts, encoder, net, args.seed)
     uncond = encoder.unconditional().to(dtype=torch.float32)
     encoder.release()
-    chunks = max(2, min(5, args.prompts // 60))
+    chunks = demo.fd_chunks(args.prompts)
     teacher = SD3Adapter(load_shapes_transformer(teacher_path)).eval().requires_grad_(False)
     log = out / "reference.jsonl"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sid_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from sid_fast.checkpoint import LATEST, CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from sid_fast.config import SiDConfig, to_dict
 from sid_fast.flow import interpolate, sample_time, velocity_to_x0
 from sid_fast.guidance import combine_cfg, guided_velocity
@@ -297,7 +297,7 @@ class SiDTrainer:
         except CheckpointError as error:
             others = sorted(p.name for p in self.ckpt_root.glob("step-*") if p != Path(directory))
             hint = (f"; other checkpoints in {self.ckpt_root}: {others} (to resume one, write its name into "
-                    f"{self.ckpt_root / 'latest'}, or call SiDTrainer.resume(directory))") if others else ""
+                    f"{self.ckpt_root / LATEST}, or call SiDTrainer.resume(directory))") if others else ""
             raise CheckpointError(f"{error}{hint}") from None
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.conditions.load_state_dict(state["conditions"])

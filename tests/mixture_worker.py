@@ -1,8 +1,7 @@
 """Worker for tests/test_sid_mixture.py: runs exact-mixture SiD distillations (the demo preset,
 sid_fast/presets/mixture_ring8.yaml, plus each job's overrides) one after another at one thread, and writes each
 EMA generator's state dict to the job's file (written under a temporary name and renamed, so a file that exists is
-complete). The test starts two of these side by side: on two cores, two one-thread runs finish in about 60% of the
-time the same runs take one after another at two threads (README, "The exact mixture teacher").
+complete). tests/mixture_lanes.py starts two of these side by side when the test session starts.
 
     python tests/mixture_worker.py '[{"preset": "ring8", "overrides": [...], "dir": DIR, "out": FILE}, ...]'
 """

@@ -18,6 +18,8 @@ from sid_fast.models.registry import build_teacher
 from sid_fast.sampler import euler_sample, few_step_sample
 
 N = 4000
+
+
 def generator_of(bundle, state: dict) -> torch.nn.Module:
     _, generator = init_student(bundle.teacher, bundle.student)
     generator.load_state_dict(state)

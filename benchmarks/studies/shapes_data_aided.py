@@ -157,11 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     shards = demo.prepare_shards(Path(args.work), encoder, progress=False, captions=args.captions)
     features = Path(args.features) if args.features else SHIPPED_FEATURES
     net = load_feature_net(features) if features.is_file() else None
-    sets = {1: demo.build_eval_set(1, args.prompts, encoder, net, args.seed)}
-    if args.two_object_prompts:
-        sets[2] = demo.build_eval_set(2, args.two_object_prompts, encoder, None, args.seed)
+    sets = demo.build_eval_sets(args.prompts, args.two_object_prompts, encoder, net, args.seed)
     encoder.release()
-    chunks = max(2, min(5, args.prompts // 60))
+    chunks = demo.fd_chunks(args.prompts)
     teacher = SD3Adapter(load_shapes_transformer(teacher_path)).eval().requires_grad_(False)
 
     def scored(name: str, generator, train_seconds: float | None):

@@ -129,11 +129,9 @@ def score(args) -> dict:
     teacher_path = Path(args.teacher or SHIPPED_TEACHER)
     encoder = MiniLMEncoder(max_length=20)
     net = load_feature_net(SHIPPED_FEATURES) if SHIPPED_FEATURES.is_file() else None
-    sets = {1: demo.build_eval_set(1, args.prompts, encoder, net, args.seed)}
-    if args.two_object_prompts:
-        sets[2] = demo.build_eval_set(2, args.two_object_prompts, encoder, None, args.seed)
+    sets = demo.build_eval_sets(args.prompts, args.two_object_prompts, encoder, net, args.seed)
     encoder.release()
-    chunks = max(2, min(5, args.prompts // 60))
+    chunks = demo.fd_chunks(args.prompts)
     timing = None
     timing_file = Path(args.work) / "timing.json"
     if timing_file.is_file():

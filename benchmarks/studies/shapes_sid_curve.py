@@ -93,7 +93,7 @@ def main() -> None:
     bundle = build_teacher(config.teacher)
     bundle.conditions = build_conditions(config.data, None, config.train.seed)
     trainer = SiDTrainer(config, build_engine(config, bundle), bundle.conditions, bundle.sample_shape)
-    curve = Curve(eval_set, net, config.method.num_steps, args.seed, Path(args.out), args.label, max(2, min(5, args.prompts // 60)))
+    curve = Curve(eval_set, net, config.method.num_steps, args.seed, Path(args.out), args.label, demo.fd_chunks(args.prompts))
     curve.evaluate(trainer)  # iteration 0: the starting point
     trainer.evaluator = curve
     trainer.fit()

@@ -109,6 +109,20 @@ def build_eval_set(objects: int, count: int, encoder, net, seed: int) -> EvalSet
     return EvalSet(objects, captions, specs, cond, truth)
 
 
+def build_eval_sets(prompts: int, two_object_prompts: int, encoder, net, seed: int) -> dict[int, EvalSet]:
+    """The held-out sets every ShapesWorld score uses: `prompts` one-object prompts (with rendered-truth features
+    when `net` is given) and, when `two_object_prompts` > 0, that many two-object prompts; keyed by object count."""
+    sets = {1: build_eval_set(1, prompts, encoder, net, seed)}
+    if two_object_prompts:
+        sets[2] = build_eval_set(2, two_object_prompts, encoder, None, seed)
+    return sets
+
+
+def fd_chunks(prompts: int) -> int:
+    """Chunks of the Fréchet-distance interval for `prompts` one-object prompts: about 60 per chunk, 2 to 5."""
+    return max(2, min(5, prompts // 60))
+
+
 def score_images(name: str, images: dict[int, Tensor], sets: dict[int, EvalSet], net, seconds: float,
                  chunks: int) -> Row:
     from sid_fast.shapes.checker import score
@@ -203,12 +217,10 @@ def run(out_dir: str | Path = "runs/demo", overrides: list[str] | None = None, s
     net = load_feature_net(SHIPPED_FEATURES) if SHIPPED_FEATURES.is_file() else None
     if net is None:
         _log(f"no feature net at {SHIPPED_FEATURES}: reporting correctness only (no Fréchet distance)")
-    sets = {1: build_eval_set(1, prompts, encoder, net, seed)}
-    if two_object_prompts:
-        sets[2] = build_eval_set(2, two_object_prompts, encoder, None, seed)
+    sets = build_eval_sets(prompts, two_object_prompts, encoder, net, seed)
     uncond = encoder.unconditional().to(dtype=torch.float32)
     encoder.release()
-    chunks = max(2, min(5, prompts // 60))
+    chunks = fd_chunks(prompts)
     guidance = float(read_card(teacher_path).get("guidance", 4.0)) if teacher_path.is_file() else 4.0
     teacher = SD3Adapter(load_shapes_transformer(teacher_path)).eval().requires_grad_(False)
 

@@ -54,35 +54,30 @@ class Engine(Protocol):
     def all_reduce_mean(self, value: Tensor) -> Tensor: ...
 
 
-def _switch_off(module: nn.Module) -> list:
-    """Each parameter of `module` with its requires_grad flag, then every flag switched off."""
+@contextlib.contextmanager
+def frozen_network(module: nn.Module, name: str = "", held: dict[str, list] | None = None):
+    """Switch off `module`'s weight gradients for the block (input gradients still flow, §3).
+
+    held None: each parameter's flag is restored when the block ends. Otherwise the flags stay off after it, kept in
+    `held[name]` until `release_frozen(held)`: a network whose blocks are recomputed in the next backward
+    (activation checkpointing) must recompute frozen, or the recomputation saves weights the frozen forward did not
+    (and would compute their gradients)."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    return flags
+    try:
+        yield
+    finally:
+        if held is None:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        else:
+            held.setdefault(name, flags)
 
 
-@contextlib.contextmanager
 def requires_grad_off(module: nn.Module):
     """Temporarily switch off weight gradients of `module`, restoring each parameter's flag afterwards."""
-    flags = _switch_off(module)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def frozen_until_backward(module: nn.Module, name: str, held: dict[str, list]):
-    """Switch off `module`'s weight gradients and keep them off after the block, until `release_frozen(held)`:
-    a network whose blocks are recomputed in the next backward (activation checkpointing) must recompute frozen,
-    or the recomputation saves weights the frozen forward did not (and would compute their gradients)."""
-    flags = _switch_off(module)
-    try:
-        yield
-    finally:
-        held.setdefault(name, flags)
+    return frozen_network(module)
 
 
 def release_frozen(held: dict[str, list]) -> None:

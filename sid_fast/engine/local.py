@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from pathlib import Path
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sid_fast.config import OptimConfig
-from sid_fast.engine.base import EMA, TRAINABLE, frozen_until_backward, release_frozen, requires_grad_off
+from sid_fast.engine.base import EMA, TRAINABLE, frozen_network, release_frozen
 
 __all__ = ["LocalEngine"]
 
@@ -107,17 +106,12 @@ class LocalEngine:
         self.updates[name] += 1
         return {"grad_norm": norm.detach()}  # a device scalar; the trainer reads it with the log line
 
-    @contextlib.contextmanager
     def frozen(self, name: str):
         """No weight gradients for `name` (input gradients flow, §3). A checkpointed network recomputes its
         blocks inside the next backward, so it stays frozen until that backward completes (the recomputation
         must save what the frozen forward saved)."""
-        if name not in self.checkpointed:
-            with requires_grad_off(self.network(name)):
-                yield
-            return
-        with frozen_until_backward(self.network(name), name, self._frozen_until_backward):
-            yield
+        held = self._frozen_until_backward if name in self.checkpointed else None
+        return frozen_network(self.network(name), name, held)
 
     def ema_update(self) -> None:
         if self.ema is not None:

@@ -26,7 +26,6 @@ Checkpoints of that engine hold the adapters and their Adam states only (`exclud
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sid_fast.config import EngineConfig, OptimConfig, TrainConfig
-from sid_fast.engine.base import TRAINABLE, frozen_until_backward, release_frozen, requires_grad_off
+from sid_fast.engine.base import TRAINABLE, frozen_network, release_frozen
 from sid_fast.engine.ds_config import network_config
 from sid_fast.engine.local import enable_activation_checkpointing
 from sid_fast.engine.reshard import convert_to_universal
@@ -253,16 +252,11 @@ class DeepSpeedEngine:
         norm = ds_engine.get_global_grad_norm()
         return {"grad_norm": float(norm) if norm is not None else float("nan")}
 
-    @contextlib.contextmanager
     def frozen(self, name: str):
         """No weight gradients for `name` (input gradients flow, §3). With activation checkpointing the blocks
         are recomputed inside the next backward, so the network stays frozen until that backward completes."""
-        if not self.engine_config.activation_checkpointing:
-            with requires_grad_off(self.network(name)):
-                yield
-            return
-        with frozen_until_backward(self.network(name), name, self._frozen_until_backward):
-            yield
+        held = self._frozen_until_backward if self.engine_config.activation_checkpointing else None
+        return frozen_network(self.network(name), name, held)
 
     def ema_update(self) -> None:
         if self.ema is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sid_fast.errors import InputError
 from sid_fast.models.registry import TeacherBundle, register_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,13 +46,9 @@ def _read_json(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        from sid_fast.errors import InputError
-
         raise InputError(f"{path} is not a JSON config ({error}): a teacher directory is what diffusers' "
                          f"save_pretrained writes") from None
     if not isinstance(config, dict):
-        from sid_fast.errors import InputError
-
         raise InputError(f"{path}: expected a JSON object (a diffusers config), found {type(config).__name__}")
     return config
 
