@@ -225,7 +225,12 @@ class EngineConfig:
     """Recompute transformer-block activations in backward (models with `enable_gradient_checkpointing`)."""
     checkpoint_networks: str = "teacher,fake_score,generator"
     """With activation_checkpointing: the networks whose blocks are recomputed (comma-separated; all three keep
-    activations for a backward: the teacher and the fake score for their input gradients in the generator step)."""
+    activations for a backward: the teacher and the fake score for their input gradients in the generator step),
+    or `auto`: only where memory needs it, the planner's estimate of this run's activations against
+    engine.memory_gib (sid_fast.engine.build.resolve_checkpointed)."""
+    memory_gib: float = 0.0
+    """Memory per device that checkpoint_networks=auto plans for; 0: the CUDA device's total (on the CPU, 0 means
+    no limit: nothing is checkpointed)."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON whose DeepSpeed-only keys are merged over the generated config."""
     optimizer: str = "auto"
@@ -246,9 +251,10 @@ class EngineConfig:
                f"unknown optimizer {self.optimizer!r}; expected auto, torch or deepspeed")
         _check(self.persistence_threshold >= 0, "engine.persistence_threshold", "must be >= 0")
         names = [n.strip() for n in self.checkpoint_networks.split(",") if n.strip()]
-        unknown = sorted(set(names) - {"teacher", "fake_score", "generator"})
+        unknown = sorted(set(names) - {"teacher", "fake_score", "generator"}) if names != ["auto"] else []
         _check(not unknown, "engine.checkpoint_networks",
-               f"unknown network(s) {unknown}; expected a comma-separated subset of teacher,fake_score,generator")
+               f"unknown network(s) {unknown}; expected auto or a comma-separated subset of teacher,fake_score,generator")
+        _check(self.memory_gib >= 0, "engine.memory_gib", f"must be >= 0, got {self.memory_gib}")
         _check(self.backend in (None, "nccl", "gloo", "mpi", "ccl", "hccl"), "engine.backend", f"unknown backend {self.backend!r}")
         if self.ds_config is not None:
             _check(Path(self.ds_config).is_file(), "engine.ds_config", f"DeepSpeed JSON {self.ds_config!r} does not exist")

@@ -4,6 +4,7 @@ autocast, and activation checkpointing chosen per network in the local engine.""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -148,6 +149,64 @@ def test_activation_checkpointing_per_network_keeps_losses_and_freezes_the_fake_
 def test_checkpoint_networks_names_are_checked():
     with pytest.raises(ValueError, match="engine.checkpoint_networks"):
         load_config(None, ["engine.checkpoint_networks=teacher,student"])
+    with pytest.raises(ValueError, match="engine.checkpoint_networks"):
+        load_config(None, ["engine.checkpoint_networks=auto,teacher"])
+    with pytest.raises(ValueError, match="engine.memory_gib"):
+        load_config(None, ["engine.memory_gib=-1"])
+
+
+def test_the_planner_checkpoints_the_fewest_recomputed_passes_that_fit():
+    from sid_fast.engine.planner import activation_parts, choose_checkpointed
+
+    geometry = dict(hidden=1536, blocks=24, tokens=4429, micro_batch=2)
+    full = sum(activation_parts(**geometry).values())
+    parts = activation_parts(**geometry, checkpointed=("generator",))
+    assert parts["teacher"] == parts["fake_score"] == pytest.approx(2 * parts["generator"] * 34 / (2 + 34 / 24))
+    assert choose_checkpointed(**geometry, budget=full) == ((), full)  # fits: nothing recomputed
+    chosen, predicted = choose_checkpointed(**geometry, budget=full - 1)
+    assert chosen == ("generator",) and predicted == sum(parts.values()) < full  # one pass recomputed is enough
+    two = sum(activation_parts(**geometry, checkpointed=("teacher",)).values())
+    assert choose_checkpointed(**geometry, budget=predicted - 1) == (("teacher",), two)  # 2 passes: teacher or fake
+    everything = sum(activation_parts(**geometry, checkpointed=("generator", "teacher", "fake_score")).values())
+    assert choose_checkpointed(**geometry, budget=0)[0] == ("generator", "teacher", "fake_score")
+    assert choose_checkpointed(**geometry, budget=everything)[1] == everything
+    no_cfg = sum(activation_parts(**geometry, cfg=False).values())
+    assert no_cfg == full * 3 / 5 and choose_checkpointed(**geometry, budget=full - 1, cfg=False)[0] == ()
+    assert choose_checkpointed(**geometry, budget=no_cfg - 1, cfg=False)[0] == ("generator",)
+
+
+def test_auto_checkpointing_follows_the_memory_budget(tmp_path, capsys):
+    from sid_fast.engine import build, planner
+
+    assert _trainer(tmp_path / "cpu", "sd3", "engine.activation_checkpointing=true",
+                    "engine.checkpoint_networks=auto").engine.checkpointed == ()  # CPU, no engine.memory_gib
+    config = load_config(None, ["teacher.kind=sd3", "teacher.preset=tiny", "method.kappa_teacher=3",
+                                "method.kappa_fake_gen=3", "train.batch_size=2"])
+    bundle = build_teacher(config.teacher)
+    hidden, blocks, patch = build.transformer_geometry(bundle.teacher)
+    tokens = (bundle.sample_shape[-2] // patch) * (bundle.sample_shape[-1] // patch) + build.text_tokens(config)
+    full = sum(planner.activation_parts(hidden, blocks, tokens, 2, 4).values())
+    copies = tuple(copy.deepcopy(bundle.teacher).requires_grad_(True) for _ in range(2))  # fake score, generator
+    states = build._model_state_bytes("local", bundle.teacher.requires_grad_(False), copies, 1, False)
+    memory_gib = (states + planner.PlanOptions.overhead_gib * planner.GIB + full - 1) / planner.GIB
+    trainer = _trainer(tmp_path / "tight", "sd3", "engine.activation_checkpointing=true", "engine.checkpoint_networks=auto",
+                       f"engine.memory_gib={memory_gib}")
+    assert trainer.engine.checkpointed == ("generator",)
+    assert "activation checkpointing auto: generator" in capsys.readouterr().out
+    blocks_of = [m for m in trainer.engine.generator.modules() if hasattr(m, "gradient_checkpointing")]
+    assert blocks_of and all(m.gradient_checkpointing for m in blocks_of)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in trainer.engine.teacher.modules())
+    stats = trainer.train_step()
+    assert torch.isfinite(torch.tensor([stats.loss_fake, stats.loss_generator])).all()
+    roomy = _trainer(tmp_path / "roomy", "sd3", "engine.activation_checkpointing=true", "engine.checkpoint_networks=auto",
+                     f"engine.memory_gib={memory_gib + 1}")
+    assert roomy.engine.checkpointed == ()
+
+
+def test_auto_checkpointing_needs_a_transformer_config(tmp_path):
+    with pytest.raises(ValueError, match="engine.checkpoint_networks: `auto` estimates .* the mixture teacher"):
+        _trainer(tmp_path, "mixture", "teacher.preset=ring8", "engine.activation_checkpointing=true",
+                 "engine.checkpoint_networks=auto", "engine.memory_gib=16")
 
 
 def test_auto_loss_backend_resolves_for_the_device_and_runs(tmp_path):

@@ -132,13 +132,8 @@ def plan(spec: ModelSpec, options: PlanOptions) -> dict:
         fake_parts = dict(generator_parts)
     generator, fake = sum(generator_parts.values()), sum(fake_parts.values())
     tokens = (options.resolution // spec.latent_factor) ** 2 + spec.text_tokens
-    per_block_full = 34 * tokens * spec.hidden * (weight_bytes / 2)  # bytes per sample
-    if options.activation_checkpointing:
-        per_pass = spec.blocks * 2 * tokens * spec.hidden * (weight_bytes / 2) + per_block_full
-    else:
-        per_pass = spec.blocks * per_block_full
-    passes = 1 + (2 if options.cfg else 1) * 2  # generator + teacher + fake score (§3)
-    activations = options.micro_batch * passes * per_pass
+    activations = sum(activation_parts(spec.hidden, spec.blocks, tokens, options.micro_batch, weight_bytes,
+                                       options.cfg, NETWORKS if options.activation_checkpointing else ()).values())
     trees = 2 if options.lora_fake_rank > 0 else 3  # network trees holding their own buffers
     parts = {"teacher_params": teacher, "fake_score_states": fake, "generator_states": generator,
              "buffers": trees * weight_bytes * spec.buffers, "activations": activations,
@@ -146,6 +141,46 @@ def plan(spec: ModelSpec, options: PlanOptions) -> dict:
     total = sum(parts.values())
     return {"model": spec.name, "tokens": tokens, **asdict(options), **parts, "total": total,
             "fits": total <= options.gpu_gib * GIB, "fake_score_parts": fake_parts, "generator_parts": generator_parts}
+
+
+NETWORKS = ("generator", "teacher", "fake_score")
+
+
+def stored_passes(cfg: bool = True) -> dict[str, int]:
+    """Forward passes of each network whose activations the generator step keeps for its backward (§3): the
+    generator's last call, and teacher and fake score once per CFG branch (input gradients only)."""
+    return {"generator": 1, "teacher": 2 if cfg else 1, "fake_score": 2 if cfg else 1}
+
+
+def activation_parts(hidden: int, blocks: int, tokens: int, micro_batch: int, weight_bytes: float = 2,
+                     cfg: bool = True, checkpointed=()) -> dict[str, float]:
+    """Bytes of activations each network holds at the generator step's peak (the run's activation peak; the fake
+    score step stores 2 passes of one network), for the networks in `checkpointed` recomputing their blocks."""
+    per_block_full = 34 * tokens * hidden * (weight_bytes / 2)  # bytes per sample and block
+    full = blocks * per_block_full
+    kept = blocks * 2 * tokens * hidden * (weight_bytes / 2) + per_block_full  # block inputs + one block recomputed
+    return {name: micro_batch * passes * (kept if name in checkpointed else full)
+            for name, passes in stored_passes(cfg).items()}
+
+
+def choose_checkpointed(hidden: int, blocks: int, tokens: int, micro_batch: int, budget: float,
+                        weight_bytes: float = 2, cfg: bool = True) -> tuple[tuple[str, ...], float]:
+    """Activation checkpointing only where memory needs it: of the 8 subsets of the three networks, those whose
+    activations (`activation_parts`) fit `budget` bytes, the one recomputing the fewest forward passes (ties: the
+    smaller footprint); all three when none fits. Returns (networks to checkpoint, their predicted bytes)."""
+    from itertools import combinations
+
+    passes = stored_passes(cfg)
+    best = None
+    for size in range(len(NETWORKS) + 1):
+        for subset in combinations(NETWORKS, size):
+            total = sum(activation_parts(hidden, blocks, tokens, micro_batch, weight_bytes, cfg, subset).values())
+            key = (sum(passes[n] for n in subset), total)
+            if total <= budget and (best is None or key < best[0]):
+                best = (key, subset)
+    if best is None:
+        return NETWORKS, sum(activation_parts(hidden, blocks, tokens, micro_batch, weight_bytes, cfg, NETWORKS).values())
+    return best[1], best[0][1]
 
 
 def min_gpus(spec: ModelSpec, options: PlanOptions, limit: int = 4096) -> tuple[int, dict] | None:

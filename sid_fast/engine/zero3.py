@@ -145,7 +145,7 @@ class DeepSpeedEngine:
     """Holds teacher, fake score and generator as ZeRO-3 engines. See the module docstring."""
 
     def __init__(self, teacher: nn.Module, fake_score: nn.Module, generator: nn.Module, optim: OptimConfig,
-                 train: TrainConfig, engine: EngineConfig):
+                 train: TrainConfig, engine: EngineConfig, checkpointed: tuple[str, ...] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -178,7 +178,9 @@ class DeepSpeedEngine:
                 ("teacher", teacher, None), ("fake_score", fake_score, optim.lr_fake),
                 ("generator", generator, optim.lr_generator))]
             self.engines = {}
-        checkpointed = [n.strip() for n in engine.checkpoint_networks.split(",")] if engine.activation_checkpointing else []
+        if checkpointed is None:  # named in the config (build_engine resolves `auto` before it comes here)
+            checkpointed = tuple(n.strip() for n in engine.checkpoint_networks.split(",")) if engine.activation_checkpointing else ()
+        self.checkpointed = tuple(checkpointed)
         for engine_name, root, lr, members in groups:
             for name, module in members:
                 if name == "teacher":
@@ -255,7 +257,7 @@ class DeepSpeedEngine:
     def frozen(self, name: str):
         """No weight gradients for `name` (input gradients flow, §3). With activation checkpointing the blocks
         are recomputed inside the next backward, so the network stays frozen until that backward completes."""
-        held = self._frozen_until_backward if self.engine_config.activation_checkpointing else None
+        held = self._frozen_until_backward if self.checkpointed else None
         return frozen_network(self.network(name), name, held)
 
     def ema_update(self) -> None:
