@@ -40,8 +40,11 @@ def build_trainer(config: SiDConfig, bundle):
     return SiDTrainer(config, build_engine(config, bundle), bundle.conditions, bundle.sample_shape)
 
 
-def run_training(config: SiDConfig, bundle=None) -> Path:
-    """Train with `config` (every rank calls this); returns the path of the exported generator."""
+def run_training(config: SiDConfig, bundle=None, evaluator=None) -> Path:
+    """Train with `config` (every rank calls this); returns the path of the exported generator. `evaluator` (an
+    object with `evaluate(trainer) -> dict`, e.g. `sid_fast.demo.curve.Curve`) replaces the in-loop evaluator that
+    config.eval would build; it runs every eval.every_images images, which must then be > 0, and, when it has a
+    `start(trainer)` method, once before training (where a resumed run starts, that is before the resume)."""
     from safetensors.torch import save_file
 
     from sid_fast.models.registry import build_teacher
@@ -61,7 +64,13 @@ def run_training(config: SiDConfig, bundle=None) -> Path:
                          "`sid-fast prepare prompts` and pass --data.shards=DIR (or give teacher.prompts)")
     trainer = build_trainer(config, bundle)
     engine = trainer.engine
-    if config.eval.every_images > 0:  # in-loop evaluation: fixed prompts, eval.metric, best checkpoints
+    if evaluator is not None:
+        if config.eval.every_images <= 0:
+            raise ValueError("config field eval.every_images: must be > 0 when an evaluator is given (how often it runs)")
+        trainer.evaluator = evaluator
+        if hasattr(evaluator, "start"):
+            evaluator.start(trainer)
+    elif config.eval.every_images > 0:  # in-loop evaluation: fixed prompts, eval.metric, best checkpoints
         from sid_fast.eval.build import build_evaluator
 
         trainer.evaluator = build_evaluator(config, bundle.conditions, bundle.sample_shape, reference=bundle.reference,

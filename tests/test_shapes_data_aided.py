@@ -195,3 +195,66 @@ def test_lora_study_trains_times_and_scores_every_arm(world, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| LoRA fake score, rank 2 |" in table and "| lora2 |" in table
     assert [json.loads(line)["lora_rank"] for line in out.with_suffix(".jsonl").read_text().splitlines()] == [0, 2]
+
+
+def _script(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, tmp_path):
+    """launchers/shapes_reference.py --curve-every: the long runs of docs/shapes.md, on the tiny teacher."""
+    from sid_fast.models.shapes import save_shapes_transformer, shapes_transformer
+
+    launcher = _script("shapes_reference", "launchers/shapes_reference.py")
+    init = save_shapes_transformer(shapes_transformer("tiny"), tmp_path / "start.safetensors", card={"num_steps": 1})
+    out = tmp_path / "long"
+
+    def run(iterations):
+        return launcher.main([
+            "--steps", "1", "--out", str(out), "--label", "aided", "--prompts", "10", "--two-object-prompts", "5",
+            "--captions", "24", "--curve-every", "2", "--curve-raw", "--set", f"teacher.path={world['teacher']}",
+            "data.num_workers=0", "train.batch_size=4", f"train.iterations={iterations}", "train.fake_warmup_iters=0",
+            "train.progress=false", "train.log_every=1", "health.tensorboard=false", "adversarial.enabled=true",
+            f"adversarial.init_generator={init}", "adversarial.generator_warmup_images=8",
+            "adversarial.adversarial_from_images=16"])
+
+    assert run(4) == 0
+    assert run(6) == 0  # resumes from the step-4 checkpoint: no second start point, no second teacher scoring
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert [(r["label"], r["step"], r["images_seen"]) for r in curve] == [("aided-1step", s, 8 * s) for s in (0, 2, 4, 6)]
+    for r in curve:
+        assert r["n_1obj"] == 10 and r["n_2obj"] == 5 and 0 <= r["correct_1obj"] <= 1
+        assert r["correct_1obj_ci"][0] <= r["correct_1obj"] <= r["correct_1obj_ci"][1]
+        assert math.isfinite(r["fd"]) and r["fd_ci"][0] <= r["fd"] <= r["fd_ci"][1]
+        assert math.isfinite(r["raw_fd"]) and r["raw_n_1obj"] == 10  # --curve-raw: the raw weights too
+    rows = [json.loads(line) for line in (out / "reference.jsonl").read_text().splitlines()]
+    names = [r["name"] for r in rows]
+    assert names == ["teacher Euler 1-step", "teacher Euler 4-step", "teacher Euler 28-step", "SiD 1-step", "SiD 1-step"]
+    final = rows[-1]
+    assert final["iterations"] == 6 and (final["correct_1obj"], final["fd"]) == (curve[-1]["correct_1obj"], curve[-1]["fd"])
+    assert curve[0]["fd"] != curve[-1]["fd"]  # the generator moved
+    log = [json.loads(line) for line in (out / "aided-1step" / "log.jsonl").read_text().splitlines()]
+    assert [r["curve_correct_1obj"] for r in log if "curve_correct_1obj" in r] == [r["correct_1obj"] for r in curve[1:]]
+
+    plots = _script("shapes_curves", "benchmarks/studies/shapes_curves.py")
+    result = plots.main(["--run", f"aided={out / 'curve.jsonl'}", "--teacher", str(out / "reference.jsonl"),
+                         "--out", str(tmp_path / "results" / "curves")])
+    png = tmp_path / "results" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert set(result["levels"]) == {1, 4, 28} and result["best"]["aided"]["fd"] == min(r["fd"] for r in curve)
+    table = (tmp_path / "results" / "curves.md").read_text()
+    assert table.count("| aided |") == 4 and "| teacher Euler 28-step (CFG 4) |" in table
+    with pytest.raises(SystemExit, match="no such curve file"):
+        plots.main(["--run", f"x={tmp_path / 'missing.jsonl'}", "--teacher", str(out / "reference.jsonl"), "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="no `teacher Euler N-step` rows"):
+        plots.main(["--run", f"x={out / 'curve.jsonl'}", "--teacher", str(out / "curve.jsonl"), "--out", str(tmp_path / "y")])
+
+
+def test_run_training_with_an_evaluator_needs_an_evaluation_interval(world, tmp_path):
+    from sid_fast.composition import run_training
+
+    with pytest.raises(ValueError, match="eval.every_images"):
+        run_training(_distill_config(world, tmp_path, 1), evaluator=object())

@@ -2,7 +2,8 @@
 
 Trains with the demo preset (sid_fast/presets/shapes_demo.yaml) plus overrides and, every --every iterations,
 samples the EMA and the raw generator on a fixed set of held-out one-object prompts with fixed noise, and logs the
-checker's correctness (95% Wilson interval) and the feature-net Fréchet distance. Iteration 0 is the starting point
+checker's correctness (95% Wilson interval) and the feature-net Fréchet distance (sid_fast.demo.curve.Curve; raw_
+keys: the raw weights). Rows before December 2026 used the keys correct_ema / correct_raw. Iteration 0 is the starting point
 (the teacher's own one-step sampler). One json line per evaluation in --out.
 
     python benchmarks/studies/shapes_sid_curve.py --label lr1e-4 --set optim.lr_generator=1e-4 --iterations 400
@@ -11,42 +12,9 @@ checker's correctness (95% Wilson interval) and the feature-net Fréchet distanc
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
-
-
-class Curve:
-    """A trainer evaluator (`evaluate(trainer) -> dict`) scoring the generator on fixed prompts and noise."""
-
-    def __init__(self, eval_set, net, num_steps: int, seed: int, log_path: Path, label: str, chunks: int):
-        self.eval_set, self.net, self.num_steps, self.seed = eval_set, net, num_steps, seed
-        self.log_path, self.label, self.chunks = log_path, label, chunks
-        self.started = time.perf_counter()
-
-    def evaluate(self, trainer) -> dict:
-        from sid_fast.demo.shapes import _generator_images, score_images
-
-        out = {}
-        for name, ema in (("ema", True), ("raw", False)):
-            generator = trainer.engine.sampling_generator(ema=ema)
-            was_training = generator.training
-            generator.eval()
-            images = _generator_images(generator, self.eval_set.cond, self.num_steps, self.seed)
-            generator.train(was_training)
-            row = score_images(name, {1: images}, {1: self.eval_set}, self.net, 0.0, self.chunks)
-            out[f"correct_{name}"] = round(row.scores["1obj"].value, 4)
-            out[f"correct_{name}_ci"] = [round(v, 4) for v in row.scores["1obj"].interval]
-            if row.fd is not None:
-                out[f"fd_{name}"] = round(row.fd[0], 1)
-                out[f"fd_{name}_ci"] = [round(v, 1) for v in row.fd[1]]
-        entry = {"label": self.label, "step": trainer.step, "seconds": round(time.perf_counter() - self.started, 1), **out}
-        with open(self.log_path, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        print(json.dumps(entry), flush=True)
-        return out
 
 
 def main() -> None:
@@ -65,6 +33,7 @@ def main() -> None:
 
     from sid_fast.config import load_config
     from sid_fast.demo import shapes as demo
+    from sid_fast.demo.curve import Curve
     from sid_fast.encoders.minilm import MiniLMEncoder
     from sid_fast.shapes.features import SHIPPED_FEATURES, load_feature_net
 
@@ -93,7 +62,8 @@ def main() -> None:
     bundle = build_teacher(config.teacher)
     bundle.conditions = build_conditions(config.data, None, config.train.seed)
     trainer = SiDTrainer(config, build_engine(config, bundle), bundle.conditions, bundle.sample_shape)
-    curve = Curve(eval_set, net, config.method.num_steps, args.seed, Path(args.out), args.label, demo.fd_chunks(args.prompts))
+    curve = Curve({1: eval_set}, net, config.method.num_steps, args.seed, Path(args.out), args.label,
+                  demo.fd_chunks(args.prompts), raw=True)
     curve.evaluate(trainer)  # iteration 0: the starting point
     trainer.evaluator = curve
     trainer.fit()
