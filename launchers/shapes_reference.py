@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="score the EMA generator every N iterations into out/curve.jsonl (0: only at the end)")
     parser.add_argument("--curve-raw", action="store_true", help="the curve scores the raw weights too (raw_ keys)")
     parser.add_argument("--label", default="sid", help="run directories are out/LABEL-Kstep (default: sid)")
-    parser.add_argument("--from", dest="trained", nargs="*", default=[], metavar="K=FILE",
-                        help="score (and ship) a K-step generator trained elsewhere, e.g. by "
-                             "launchers/shapes_reference_gpu.py, instead of training it here")
+    parser.add_argument("--from", dest="trained", nargs="*", default=[], metavar="K=PATH",
+                        help="score (and ship) a K-step generator trained elsewhere instead of training it here: a "
+                             "shipped-format file (e.g. from launchers/shapes_reference_gpu.py), a run's "
+                             "generator.safetensors, or a local-engine checkpoint directory (its EMA generator)")
     args = parser.parse_args(argv)
 
     import torch
@@ -59,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     from sid_fast.demo.curve import Curve
     from sid_fast.encoders.minilm import MiniLMEncoder
     from sid_fast.models.sd3 import SD3Adapter
-    from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer
+    from sid_fast.models.shapes import SHIPPED_TEACHER, load_shapes_transformer, read_card
     from sid_fast.shapes.evaluate import teacher_samples
     from sid_fast.shapes.features import SHIPPED_FEATURES, load_feature_net
 
     trained = {}
     for item in args.trained:
         k, _, file = item.partition("=")
-        if not k.isdigit() or not Path(file).is_file():
-            parser.error(f"--from takes K=FILE with an existing FILE; got {item!r}")
+        if not k.isdigit() or not Path(file).exists():
+            parser.error(f"--from takes K=PATH with an existing PATH; got {item!r}")
         trained[int(k)] = Path(file)
     args.steps = sorted(set(args.steps if args.steps is not None else ([] if trained else [1, 4])) | set(trained))
     if args.threads:
@@ -102,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
     same = {"seed": args.seed, "n_1obj": args.prompts, "n_2obj": args.two_object_prompts, "fd_chunks": chunks}
     earlier = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    def load_trained(path: Path):
+        """(generator, how it was made) of a shipped-format file, a run's generator.safetensors or a checkpoint."""
+        if path.is_file() and read_card(path):
+            return demo.load_generator(path)
+        run = path.parent.parent if path.is_dir() else path.parent  # checkpoints/step-N or the run directory
+        made = {"weights": str(path), "config": str(run / "config.yaml"), "machine": "this machine"}
+        if (path / "state.json").is_file():
+            state = json.loads((path / "state.json").read_text())
+            made.update(iterations=state["step"], images_seen=state["images_seen"])
+        return demo.load_run_generator(teacher_path, path), made
+
     baseline = {}
     for steps in demo.TEACHER_STEPS:
         name = f"teacher Euler {steps}-step"
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline[steps] = record(row, seed=args.seed)
     for k, config in configs.items():
         if k in trained:  # trained elsewhere: its card says how; scored here exactly like a run trained here
-            generator, made = demo.load_generator(trained[k])
+            generator, made = load_trained(trained[k])
             iterations, seconds, config_ref = made.get("iterations"), made.get("run_seconds"), made.get("config")
             print(f"[reference] scoring the {k}-step generator {trained[k]} ({iterations} iterations on "
                   f"{made.get('machine')})", flush=True)
@@ -140,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 "scores": entry, "teacher_scores": baseline}
         if k in trained:
             card["trained_by"] = made
-        (out / f"sid-{k}step").mkdir(parents=True, exist_ok=True)
-        shipped = demo.save_generator(generator, out / f"sid-{k}step" / "generator-fp16.safetensors", card)
+        (out / f"{args.label}-{k}step").mkdir(parents=True, exist_ok=True)
+        shipped = demo.save_generator(generator, out / f"{args.label}-{k}step" / "generator-fp16.safetensors", card)
         if args.ship:
             target = demo.REFERENCE_GENERATORS[k] if k in demo.REFERENCE_GENERATORS else shipped
             shutil.copyfile(shipped, target)

@@ -103,7 +103,7 @@ def init_generator_from(generator: nn.Module, path: str | Path) -> None:
 
     A bare transformer file, e.g. the shipped float16 ShapesWorld generators (`sid_fast.demo.shapes.save_generator`),
     names its weights without the adapter's `transformer.` prefix; it is accepted when all names match with it.
-    Weights are cast to the generator's dtype."""
+    Weights are cast to the generator's dtype; buffers the file lacks keep the generator's values."""
     state = load_generator_weights(path)
     own = generator.state_dict()
     if set(state) != set(own) and hasattr(generator, "transformer"):
@@ -114,6 +114,9 @@ def init_generator_from(generator: nn.Module, path: str | Path) -> None:
         missing, unexpected = generator.load_state_dict(state, strict=False)
     except RuntimeError as error:  # size mismatches: another architecture
         raise ValueError(f"config field adversarial.init_generator: {path} does not fit the generator: {error}") from None
+    buffers = {name for name, _ in generator.named_buffers()}
+    missing = [name for name in missing if name not in buffers]  # an EMA file holds parameters only: buffers (the
+    # fixed positional tables) keep the generator's own values, which are the teacher's it was copied from
     if missing or unexpected:
         raise ValueError(f"config field adversarial.init_generator: {path} does not fit the generator "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

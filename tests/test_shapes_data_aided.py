@@ -239,6 +239,17 @@ def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, 
     log = [json.loads(line) for line in (out / "aided-1step" / "log.jsonl").read_text().splitlines()]
     assert [r["curve_correct_1obj"] for r in log if "curve_correct_1obj" in r] == [r["correct_1obj"] for r in curve[1:]]
 
+    # a checkpoint of the run scored (and carded) as a finished generator: its EMA weights, the same scores
+    checkpoint = out / "aided-1step" / "checkpoints" / "step-00000006"
+    assert launcher.main(["--from", f"1={checkpoint}", "--out", str(out), "--label", "aided", "--prompts", "10",
+                          "--two-object-prompts", "5", "--set", f"teacher.path={world['teacher']}"]) == 0
+    scored = json.loads((out / "reference.jsonl").read_text().splitlines()[-1])
+    assert (scored["correct_1obj"], scored["fd"]) == (final["correct_1obj"], final["fd"])
+    from sid_fast.models.shapes import read_card
+
+    card = read_card(out / "aided-1step" / "generator-fp16.safetensors")
+    assert card["trained_by"]["iterations"] == 6 and card["trained_by"]["weights"] == str(checkpoint)
+
     plots = _script("shapes_curves", "benchmarks/studies/shapes_curves.py")
     result = plots.main(["--run", f"aided={out / 'curve.jsonl'}", "--teacher", str(out / "reference.jsonl"),
                          "--out", str(tmp_path / "results" / "curves")])
