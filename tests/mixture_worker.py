@@ -1,7 +1,8 @@
 """Worker for tests/test_sid_mixture.py: runs exact-mixture SiD distillations (the demo preset,
 sid_fast/presets/mixture_ring8.yaml, plus each job's overrides) one after another at one thread, and writes each
 EMA generator's state dict to the job's file (written under a temporary name and renamed, so a file that exists is
-complete). tests/mixture_lanes.py starts two of these side by side when the test session starts.
+complete). tests/mixture_lanes.py starts two of these side by side when the test session starts; a worker whose
+test process is gone (even SIGKILLed, with no chance to stop it) exits within a few seconds.
 
     python tests/mixture_worker.py '[{"preset": "ring8", "overrides": [...], "dir": DIR, "out": FILE}, ...]'
 """
@@ -11,11 +12,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 
 import torch
 
 
+def exit_with_parent(interval: float = 2.0) -> None:
+    """A daemon thread that ends this process (status 3) once its parent has gone (the worker is re-parented)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(3)  # no message: its reader may be the process that is gone (a print could raise BrokenPipeError)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def main() -> None:
+    exit_with_parent()
     from sid_fast.config import TeacherConfig, load_config
     from sid_fast.demo.mixture import PRESET, distill_generator
     from sid_fast.models.registry import build_teacher
