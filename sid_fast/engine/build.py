@@ -109,8 +109,8 @@ def resolve_checkpointed(config: SiDConfig, bundle, fake_score: nn.Module, gener
     budget = memory - states - planner.PlanOptions.overhead_gib * planner.GIB
     kappa = config.method
     cfg = any(k not in (0.0, 1.0) for k in (kappa.kappa_teacher, kappa.kappa_fake_gen))  # doubled batches (§4)
-    if config.teacher.kind == "flux" and config.teacher.flux_guidance_mode == "embed":
-        cfg = False  # FLUX.1-dev's guidance is an embedding: one pass per network
+    if getattr(bundle.teacher, "guidance_mode", None) == "embed" and getattr(bundle.teacher, "has_guidance_embed", False):
+        cfg = False  # FLUX.1-dev's guidance is an embedding: one pass per network (sid_fast.models.flux)
     chosen, predicted = planner.choose_checkpointed(hidden, blocks, tokens, config.train.batch_size, budget,
                                                     weight_bytes, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
