@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--ship", action="store_true", help="copy the generators into sid_fast/assets/shapes/")
     parser.add_argument("--curve-every", type=int, default=0, metavar="N",
-                        help="score the EMA generator every N iterations into out/curve.jsonl (0: only at the end)")
-    parser.add_argument("--curve-raw", action="store_true", help="the curve scores the raw weights too (raw_ keys)")
+                        help="score the EMA generator every N iterations into out/curve.jsonl (0: only at the end) and "
+                             "keep the lowest-FD one as out/LABEL-Kstep/best-ema.safetensors")
+    parser.add_argument("--curve-raw", action="store_true", help="the curve scores the raw weights too (raw_ keys; best-raw.safetensors)")
     parser.add_argument("--label", default="sid", help="run directories are out/LABEL-Kstep (default: sid)")
     parser.add_argument("--from", dest="trained", nargs="*", default=[], metavar="K=PATH",
                         help="score (and ship) a K-step generator trained elsewhere instead of training it here: a "
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_iteration = (config.train.fake_updates + 1) * config.train.grad_accum * config.train.batch_size
                 config = load_config(overrides=[f"eval.every_images={args.curve_every * per_iteration}"], base=config)
                 curve = Curve(sets, net, k, args.seed, out / "curve.jsonl", f"{args.label}-{k}step", chunks,
-                              raw=args.curve_raw)
+                              raw=args.curve_raw, best_dir=out / f"{args.label}-{k}step")
             print(f"[reference] distilling a {k}-step generator: {config.train.iterations} iterations of batch "
                   f"{config.train.batch_size} into {config.train.out_dir}", flush=True)
             start = time.perf_counter()

@@ -206,7 +206,7 @@ def _script(name: str, path: str):
 
 def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, tmp_path):
     """launchers/shapes_reference.py --curve-every: the long runs of docs/shapes.md, on the tiny teacher."""
-    from sid_fast.models.shapes import save_shapes_transformer, shapes_transformer
+    from sid_fast.models.shapes import read_card, save_shapes_transformer, shapes_transformer
 
     launcher = _script("shapes_reference", "launchers/shapes_reference.py")
     init = save_shapes_transformer(shapes_transformer("tiny"), tmp_path / "start.safetensors", card={"num_steps": 1})
@@ -236,6 +236,10 @@ def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, 
     final = rows[-1]
     assert final["iterations"] == 6 and (final["correct_1obj"], final["fd"]) == (curve[-1]["correct_1obj"], curve[-1]["fd"])
     assert curve[0]["fd"] != curve[-1]["fd"]  # the generator moved
+    for kind, key in (("ema", "fd"), ("raw", "raw_fd")):  # the lowest-FD generator of each kind, in shipped format
+        best = min(curve, key=lambda r: r[key])
+        card = read_card(out / "aided-1step" / f"best-{kind}.safetensors")
+        assert (card["step"], card["scores"]["fd"], card["weights"]) == (best["step"], best[key], kind)
     log = [json.loads(line) for line in (out / "aided-1step" / "log.jsonl").read_text().splitlines()]
     assert [r["curve_correct_1obj"] for r in log if "curve_correct_1obj" in r] == [r["correct_1obj"] for r in curve[1:]]
 
@@ -245,8 +249,6 @@ def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, 
                           "--two-object-prompts", "5", "--set", f"teacher.path={world['teacher']}"]) == 0
     scored = json.loads((out / "reference.jsonl").read_text().splitlines()[-1])
     assert (scored["correct_1obj"], scored["fd"]) == (final["correct_1obj"], final["fd"])
-    from sid_fast.models.shapes import read_card
-
     card = read_card(out / "aided-1step" / "generator-fp16.safetensors")
     assert card["trained_by"]["iterations"] == 6 and card["trained_by"]["weights"] == str(checkpoint)
 
