@@ -37,7 +37,14 @@ def build_trainer(config: SiDConfig, bundle):
         return build_data_aided_trainer(config, bundle, real_data_source(config, bundle))
     from sid_fast.trainer import SiDTrainer
 
-    return SiDTrainer(config, build_engine(config, bundle), bundle.conditions, bundle.sample_shape)
+    generator = None
+    if config.adversarial.init_generator is not None:  # continued data-free SiD from a finished generator
+        from sid_fast.adversarial import init_generator_from
+        from sid_fast.api import init_student
+
+        _, generator = init_student(bundle.teacher, bundle.student)
+        init_generator_from(generator, config.adversarial.init_generator)
+    return SiDTrainer(config, build_engine(config, bundle, generator=generator), bundle.conditions, bundle.sample_shape)
 
 
 def run_training(config: SiDConfig, bundle=None, evaluator=None) -> Path:

@@ -325,7 +325,8 @@ class AdversarialConfig:
     weighting: str = "one_minus_t"
     """λ(t) of L_adv (any §3 weighting but `sid`)."""
     init_generator: str | None = None
-    """Generator start: a data-free run's generator.safetensors or a checkpoint step directory (§5); None: teacher copy."""
+    """Generator start: a data-free run's generator.safetensors or a checkpoint step directory (§5); None: teacher copy.
+    Also honoured with adversarial.enabled=false: continued data-free SiD from that start (SiD²ₐ's control)."""
 
     def __post_init__(self) -> None:
         _check(self.generator_warmup_images >= 0, "adversarial.generator_warmup_images", "must be >= 0")

@@ -271,3 +271,22 @@ def test_run_training_with_an_evaluator_needs_an_evaluation_interval(world, tmp_
 
     with pytest.raises(ValueError, match="eval.every_images"):
         run_training(_distill_config(world, tmp_path, 1), evaluator=object())
+
+
+def test_data_free_run_starts_from_init_generator(world, tmp_path):
+    """adversarial.init_generator with adversarial.enabled=false: continued data-free SiD from that start."""
+    from safetensors.torch import load_file
+
+    from sid_fast.composition import run_training
+    from sid_fast.models.shapes import load_shapes_transformer, save_shapes_transformer
+
+    start = load_shapes_transformer(world["teacher"])
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.05)
+    init = save_shapes_transformer(start, tmp_path / "start.safetensors")
+    config = _distill_config(world, tmp_path / "run", 2, ["adversarial.enabled=false", f"adversarial.init_generator={init}",
+                                                          "train.fake_warmup_iters=5"])  # the generator never updates
+    exported = load_file(run_training(config))
+    for name, value in load_file(init).items():
+        assert torch.equal(exported[f"transformer.{name}"], value.float()), name

@@ -5,8 +5,8 @@ From one start (--init: a data-free generator) and one teacher, two runs of --it
 config (sid_fast/presets/shapes_sid.yaml + --set), the same seeds and the same generator warm-up:
   (a) SiD²ₐ: `sid-fast distill`'s path (sid_fast.composition.run_training, adversarial.enabled=true): real images rendered
       for the prompt shards' captions (sid_fast.shapes.real.ShapesRealData), the fake network as discriminator;
-  (b) continued data-free SiD: the plain SiD trainer with the generator started from --init and the fake network
-      a fresh teacher copy, as in (a); its generator waits the same number of iterations (train.fake_warmup_iters).
+  (b) continued data-free SiD: the same path with adversarial.enabled=false (the generator still starts from --init,
+      the fake network is a fresh teacher copy as in (a)); its generator waits as many iterations (train.fake_warmup_iters).
 Then the start, (a) and (b) are sampled on the same held-out prompts with the same noise and scored by the exact
 checker (correctness, 95% Wilson intervals; one- and two-object prompts) and, when the feature net exists, the
 Fréchet distance against rendered truth (95% t interval over chunks). Writes <out>.md (table, verdict, command)
@@ -63,36 +63,6 @@ def generator_from(teacher, weights) -> torch.nn.Module:
     else:
         init_generator_from(generator, weights)
     return generator.eval().requires_grad_(False)
-
-
-def train_data_free(config):
-    """(b): the SiD trainer with the generator from adversarial.init_generator and a fresh fake copy of the teacher;
-    returns (generator state dict (EMA when on), seconds)."""
-    from safetensors.torch import save_file
-
-    from sid_fast.adversarial import init_generator_from
-    from sid_fast.api import init_student
-    from sid_fast.config import dump_yaml
-    from sid_fast.data import build_conditions
-    from sid_fast.engine.build import build_engine
-    from sid_fast.models.registry import build_teacher
-    from sid_fast.trainer import SiDTrainer
-
-    out = Path(config.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(config))
-    bundle = build_teacher(config.teacher)
-    bundle.conditions = build_conditions(config.data, None, config.train.seed)
-    fake_score, generator = init_student(bundle.teacher, bundle.student)
-    init_generator_from(generator, config.adversarial.init_generator)
-    trainer = SiDTrainer(config, build_engine(config, bundle, fake_score, generator), bundle.conditions,
-                         bundle.sample_shape)
-    start = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - start
-    state = trainer.engine.generator_state_dict(ema=True)
-    save_file(state, out / "generator.safetensors")
-    return state, seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,8 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
                                            f"train.out_dir={work / 'data-free'}"], base=config)
     print(f"[data-aided study] (b) continued data-free SiD: {args.iterations} iterations, generator from iteration "
           f"{warmup_iters}", flush=True)
-    state, seconds = train_data_free(free)
-    rows.append(scored(f"continued data-free SiD (+{args.iterations} it)", generator_from(teacher, state), seconds))
+    start = time.perf_counter()
+    path = run_training(free)  # adversarial.enabled=false: the generator still starts from adversarial.init_generator
+    rows.append(scored(f"continued data-free SiD (+{args.iterations} it)", generator_from(teacher, path),
+                       time.perf_counter() - start))
 
     verdicts = [demo.compare_rows(rows[1], rows[2]), demo.compare_rows(rows[1], rows[0]), demo.compare_rows(rows[2], rows[0])]
     command = "python benchmarks/studies/shapes_data_aided.py " + shlex.join(argv if argv is not None else sys.argv[1:])
