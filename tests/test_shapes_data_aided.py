@@ -254,12 +254,16 @@ def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, 
 
     plots = _script("shapes_curves", "benchmarks/studies/shapes_curves.py")
     result = plots.main(["--run", f"aided={out / 'curve.jsonl'}", "--teacher", str(out / "reference.jsonl"),
-                         "--out", str(tmp_path / "results" / "curves")])
+                         "--out", str(tmp_path / "results" / "curves"), "--raw", "aided", "--x", "iterations"])
     png = tmp_path / "results" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert set(result["levels"]) == {1, 4, 28} and result["best"]["aided"]["fd"] == min(r["fd"] for r in curve)
     table = (tmp_path / "results" / "curves.md").read_text()
     assert table.count("| aided |") == 4 and "| teacher Euler 28-step (CFG 4) |" in table
+    assert result["best"]["aided (raw)"]["fd"] == min(r["raw_fd"] for r in curve) and table.count("| aided (raw) |") == 4
+    with pytest.raises(SystemExit):  # --raw of a run not given
+        plots.main(["--run", f"x={out / 'curve.jsonl'}", "--raw", "y", "--teacher", str(out / "reference.jsonl"),
+                    "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="no such curve file"):
         plots.main(["--run", f"x={tmp_path / 'missing.jsonl'}", "--teacher", str(out / "reference.jsonl"), "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="no `teacher Euler N-step` rows"):

@@ -61,7 +61,7 @@ def table(runs: dict[str, list[dict]], levels: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[dict]], levels: dict[int, dict], path: Path, title: str) -> None:
+def plot(runs: dict[str, list[dict]], levels: dict[int, dict], path: Path, title: str, x: str = "images") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,21 +71,25 @@ def plot(runs: dict[str, list[dict]], levels: dict[int, dict], path: Path, title
     panels = (("correct_1obj", "held-out one-object correctness", False), ("fd", "Fréchet distance (features)", True))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, name, log) in zip(axes, panels):
-        for i, (label, rows) in enumerate(runs.items()):
+        bases = [label for label in runs if not label.endswith(" (raw)")]
+        for label, rows in runs.items():
             rows = [r for r in rows if key in r]
             if not rows:
                 continue
-            x = [r["images_seen"] / 1000 for r in rows]
-            ax.plot(x, [r[key] for r in rows], marker="o", markersize=3, color=colours[i % len(colours)], label=label)
-            ax.fill_between(x, [r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] for r in rows],
-                            color=colours[i % len(colours)], alpha=0.15, linewidth=0)
+            raw = label.endswith(" (raw)")  # the raw weights: the run's colour, dashed
+            colour = colours[bases.index(label[:-len(" (raw)")] if raw else label) % len(colours)]
+            xs = [r["images_seen"] / 1000 if x == "images" else r["step"] for r in rows]
+            ax.plot(xs, [r[key] for r in rows], marker="o", markersize=3, color=colour, label=label,
+                    linestyle="--" if raw else "-")
+            ax.fill_between(xs, [r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] for r in rows],
+                            color=colour, alpha=0.08 if raw else 0.15, linewidth=0)
         for steps, style in zip(sorted(levels), (":", "--", "-.")):
             if key in levels[steps]:
                 ax.axhline(levels[steps][key], color="black", linestyle=style, linewidth=1,
                            label=f"teacher Euler {steps}-step")
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel("training images seen (thousands)")
+        ax.set_xlabel("training images seen (thousands)" if x == "images" else "iterations (generator updates after warm-up)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="upper right")
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--title", default="SiD on the ShapesWorld teacher: held-out 400 one-object prompts")
     parser.add_argument("--out", required=True, help="writes OUT.png, OUT.md and OUT.jsonl")
     parser.add_argument("--png", default=None, help="the plot's path (default OUT.png)")
+    parser.add_argument("--x", choices=("images", "iterations"), default="images",
+                        help="the plots' x axis: training images seen (fake-score and generator steps) or iterations")
+    parser.add_argument("--raw", action="append", default=[], metavar="LABEL",
+                        help="also plot this run's raw (non-EMA) weights, as 'LABEL (raw)' (repeat)")
     args = parser.parse_args(argv)
 
     runs = {}
@@ -115,12 +123,18 @@ def main(argv: list[str] | None = None) -> dict:
         if not rows:
             raise SystemExit(f"{file}: no curve rows")
         runs[label] = rows
+        if label in args.raw:  # the raw weights' scores of the same evaluations (--curve-raw)
+            runs[f"{label} (raw)"] = [{**{k[4:]: v for k, v in r.items() if k.startswith("raw_")},
+                                       "step": r["step"], "images_seen": r["images_seen"]} for r in rows if "raw_fd" in r]
     levels = teacher_levels(read_rows(Path(args.teacher)))
     if not levels:
         raise SystemExit(f"{args.teacher}: no `teacher Euler N-step` rows")
     out = Path(args.out)
     png = Path(args.png) if args.png else out.with_suffix(".png")
-    plot(runs, levels, png, args.title)
+    unknown = sorted(set(args.raw) - set(runs))
+    if unknown:
+        parser.error(f"--raw names runs that --run does not give: {unknown}")
+    plot(runs, levels, png, args.title, args.x)
     best = {label: min((r for r in rows if "fd" in r), key=lambda r: r["fd"], default=None) for label, rows in runs.items()}
     summary = "\n".join(f"- {label}: lowest FD at iteration {row['step']} ({row['images_seen']} images): "
                         f"{_interval(row, 'fd')}, correctness {_interval(row, 'correct_1obj')}"
