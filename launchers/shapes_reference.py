@@ -108,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         """(generator, how it was made) of a shipped-format file, a run's generator.safetensors or a checkpoint."""
         if path.is_file() and read_card(path):
             return demo.load_generator(path)
-        run = path.parent.parent if path.is_dir() else path.parent  # checkpoints/step-N or the run directory
-        made = {"weights": str(path), "config": str(run / "config.yaml"), "machine": "this machine"}
-        if (path / "state.json").is_file():
-            state = json.loads((path / "state.json").read_text())
+        import yaml
+
+        here = path if path.is_dir() else path.parent  # a checkpoint step directory, or the file's directory
+        made = {"weights": str(path), "machine": "this machine"}
+        run = next((d for d in (here, *here.parents) if (d / "config.yaml").is_file()), None)
+        if run is not None:  # the run's whole config goes into the card, as for generators trained here
+            made.update(run=str(run), config=yaml.safe_load((run / "config.yaml").read_text()))
+        if (here / "state.json").is_file():
+            state = json.loads((here / "state.json").read_text())
             made.update(iterations=state["step"], images_seen=state["images_seen"])
         return demo.load_run_generator(teacher_path, path), made
 

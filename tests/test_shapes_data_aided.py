@@ -251,6 +251,7 @@ def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, 
     assert (scored["correct_1obj"], scored["fd"]) == (final["correct_1obj"], final["fd"])
     card = read_card(out / "aided-1step" / "generator-fp16.safetensors")
     assert card["trained_by"]["iterations"] == 6 and card["trained_by"]["weights"] == str(checkpoint)
+    assert card["config"]["train"]["batch_size"] == 4 and card["config"]["adversarial"]["enabled"] is True
 
     plots = _script("shapes_curves", "benchmarks/studies/shapes_curves.py")
     result = plots.main(["--run", f"aided={out / 'curve.jsonl'}", "--teacher", str(out / "reference.jsonl"),
