@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/studies/shapes_curves.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(
-        f"# {args.title}\n\n`{command}`\n\n![curves]({png.name if png.parent == out.parent else png})\n\n{summary}\n\n"
+        f"# {args.title}\n\n`{command}`\n\n![curves]({os.path.relpath(png, out.parent)})\n\n{summary}\n\n"
         f"{table(runs, levels)}\n\ncorrect: the exact checker's fraction correct (95% Wilson interval); FD: "
         f"feature-net Fréchet distance against rendered truth of the one-object prompts, mean over chunks (95% t "
         f"interval); EMA generator; the same prompts and noise at every point and for the teacher rows.\n")
