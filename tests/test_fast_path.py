@@ -203,10 +203,16 @@ def test_auto_checkpointing_follows_the_memory_budget(tmp_path, capsys):
     assert roomy.engine.checkpointed == ()
 
 
-def test_auto_checkpointing_needs_a_transformer_config(tmp_path):
+def test_auto_checkpointing_needs_a_transformer_config():
+    from types import SimpleNamespace
+
+    from sid_fast.engine.build import resolve_checkpointed
+
+    config = load_config(None, ["teacher.kind=mixture", "engine.activation_checkpointing=true",
+                                "engine.checkpoint_networks=auto", "engine.memory_gib=16"])
+    bundle = SimpleNamespace(teacher=torch.nn.Linear(4, 4), sample_shape=(2,))  # no diffusers config to read
     with pytest.raises(ValueError, match="engine.checkpoint_networks: `auto` estimates .* the mixture teacher"):
-        _trainer(tmp_path, "mixture", "teacher.preset=ring8", "engine.activation_checkpointing=true",
-                 "engine.checkpoint_networks=auto", "engine.memory_gib=16")
+        resolve_checkpointed(config, bundle, torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
 
 
 def test_auto_loss_backend_resolves_for_the_device_and_runs(tmp_path):
