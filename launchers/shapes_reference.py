@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     same = {"seed": args.seed, "n_1obj": args.prompts, "n_2obj": args.two_object_prompts, "fd_chunks": chunks}
     earlier = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
     def load_trained(path: Path):
         """(generator, how it was made) of a shipped-format file, a run's generator.safetensors or a checkpoint."""
         if path.is_file() and read_card(path):
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(overrides=[f"data.shards={shards}"], base=config)
             curve = None
             if args.curve_every:
-                per_iteration = (config.train.fake_updates + 1) * config.train.grad_accum * config.train.batch_size
-                config = load_config(overrides=[f"eval.every_images={args.curve_every * per_iteration}"], base=config)
+                every = args.curve_every * config.train.images_per_iteration()
+                config = load_config(overrides=[f"eval.every_images={every}"], base=config)
                 curve = Curve(sets, net, k, args.seed, out / "curve.jsonl", f"{args.label}-{k}step", chunks,
                               raw=args.curve_raw, best_dir=out / f"{args.label}-{k}step")
             print(f"[reference] distilling a {k}-step generator: {config.train.iterations} iterations of batch "

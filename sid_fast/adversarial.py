@@ -212,15 +212,23 @@ class DataAidedTrainer(SiDTrainer):
         return True
 
 
+def initial_generator(config, bundle) -> nn.Module | None:
+    """The generator a run starts from: a copy of the teacher (or the bundle's student) holding
+    adversarial.init_generator's weights, or None (build_engine then copies the teacher) when it is not set."""
+    if config.adversarial.init_generator is None:
+        return None
+    from sid_fast.api import init_student
+
+    _, generator = init_student(bundle.teacher, bundle.student)
+    init_generator_from(generator, config.adversarial.init_generator)
+    return generator
+
+
 def build_data_aided_trainer(config, bundle, real_data, engine=None) -> DataAidedTrainer:
     """§5 set-up: fake score copied fresh from the teacher (or the bundle's student), generator from
     `adversarial.init_generator` (a finished data-free run), the configured engine, and the trainer."""
-    from sid_fast.api import init_student
     from sid_fast.engine.build import build_engine
 
     if engine is None:  # build_engine makes the fake score (a fresh copy, or LoRA with teacher.fake_lora_rank)
-        _, generator = init_student(bundle.teacher, bundle.student)
-        if config.adversarial.init_generator is not None:
-            init_generator_from(generator, config.adversarial.init_generator)
-        engine = build_engine(config, bundle, generator=generator)
+        engine = build_engine(config, bundle, generator=initial_generator(config, bundle))
     return DataAidedTrainer(config, engine, bundle.conditions, bundle.sample_shape, real_data)

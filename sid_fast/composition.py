@@ -35,16 +35,12 @@ def build_trainer(config: SiDConfig, bundle):
         from sid_fast.adversarial import build_data_aided_trainer
 
         return build_data_aided_trainer(config, bundle, real_data_source(config, bundle))
+    from sid_fast.adversarial import initial_generator
     from sid_fast.trainer import SiDTrainer
 
-    generator = None
-    if config.adversarial.init_generator is not None:  # continued data-free SiD from a finished generator
-        from sid_fast.adversarial import init_generator_from
-        from sid_fast.api import init_student
-
-        _, generator = init_student(bundle.teacher, bundle.student)
-        init_generator_from(generator, config.adversarial.init_generator)
-    return SiDTrainer(config, build_engine(config, bundle, generator=generator), bundle.conditions, bundle.sample_shape)
+    # with adversarial.init_generator: continued data-free SiD from a finished generator
+    engine = build_engine(config, bundle, generator=initial_generator(config, bundle))
+    return SiDTrainer(config, engine, bundle.conditions, bundle.sample_shape)
 
 
 def run_training(config: SiDConfig, bundle=None, evaluator=None) -> Path:

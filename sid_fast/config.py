@@ -193,6 +193,11 @@ class TrainConfig:
     autocast: str = "off"
     """Autocast of the networks' forwards: off, bfloat16 or float16 (weights keep their dtype; losses stay fp32)."""
 
+    def images_per_iteration(self, world_size: int = 1) -> int:
+        """Images one iteration adds to the trainer's images_seen: every fake-score update and the generator update,
+        each of grad_accum micro-batches, on every rank (what eval.every_images and the SiD²ₐ warm-ups count)."""
+        return (self.fake_updates + 1) * self.grad_accum * self.batch_size * world_size
+
     def __post_init__(self) -> None:
         _check(self.iterations >= 0, "train.iterations", "must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")

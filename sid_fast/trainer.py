@@ -272,7 +272,7 @@ class SiDTrainer:
             else:
                 self.engine.ema_update()
         self.step += 1
-        self.images_seen += (self.config.train.fake_updates + 1) * accum * self.config.train.batch_size * self.engine.world_size
+        self.images_seen += self.config.train.images_per_iteration(self.engine.world_size)
         distance = torch.stack(self._teacher_fake_mse).mean() if self._teacher_fake_mse else None
         return StepStats(self.step, steps_run, fake_total, gen_total, stats_fake.get("grad_norm"), stats_gen.get("grad_norm"),
                          distance, ",".join(skipped) or None)

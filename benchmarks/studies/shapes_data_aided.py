@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     base += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     config = load_config(SID_PRESET, base + list(args.set))  # validated before any work
     train = config.train
-    per_iteration = (train.fake_updates + 1) * train.grad_accum * train.batch_size  # images_seen per iteration
+    per_iteration = train.images_per_iteration()  # images_seen per iteration
     warmup = args.warmup_images if args.warmup_images is not None else per_iteration * (args.iterations // 6)
     adv_from = args.adversarial_from_images if args.adversarial_from_images is not None \
         else max(warmup, per_iteration * (args.iterations // 4))

@@ -131,10 +131,11 @@ def _model_state_bytes(kind: str, teacher: nn.Module, trained: tuple[nn.Module, 
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            size = p.numel() * (p.element_size() if kind == "local" else 1)  # ZeRO-3: counted in parameters
             if p.requires_grad and module is not teacher:
-                trainable += p.numel() * (p.element_size() if kind == "local" else 1)
+                trainable += size
             else:
-                frozen += p.numel() * (p.element_size() if kind == "local" else 1)
+                frozen += size
     if kind == "local":
         return frozen + 4 * trainable  # weight + gradient + Adam m and v
     parts = planner.trainable_state_parts(trainable, world, "bf16" if bf16 else "fp32")
