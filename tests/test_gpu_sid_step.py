@@ -97,6 +97,8 @@ def test_phases_losses_and_settings(tiny_run):
             assert sa == sb and fa == pytest.approx(fb, rel=1e-3)
         fast = json.loads(by_key[(row, "c0")]["settings"])
         assert fast["teacher.frozen_dtype"] == "bfloat16" and fast["train.autocast"] == "bfloat16"
+        # the fast path leaves checkpointing to the trainer's planner; on the CPU without a memory budget: none
+        assert fast["engine.checkpoint_networks"] == "auto" and fast["checkpointed"] == ""
         eager = json.loads(by_key[(row, "b")]["settings"])
         assert eager["health.defer_checks"] is False and eager["checkpointed"] == "teacher,fake_score,generator"
 

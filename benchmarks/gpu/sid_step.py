@@ -10,7 +10,8 @@ embedding g = κ plus true CFG, the authors' practice). Variants, same model, sa
   b   sid_fast's SiDTrainer + LocalEngine, eager, the fast path's switches off: fp32 weights + bf16 autocast,
       per-step checks and scalar reads, single-tensor Adam, SDPA, torch losses; checkpointing in all three as in a;
   c0  sid_fast's fast path without torch.compile: deferred checks, fused Adam, a bf16 frozen teacher, attention and
-      loss backends `auto`, activation checkpointing only in the networks memory needs;
+      loss backends `auto`, activation checkpointing only in the networks memory needs (the trainer's
+      engine.checkpoint_networks=auto; all three after an out-of-memory, noted in the row);
   c   c0 + regional torch.compile (the compile happens in extra warm-up iterations);
   d   the DeepSpeed ZeRO-3 engine at world size 1 (bf16), without and with activation checkpointing (d, d+ckpt):
       its losses against b's at the same steps, its peak memory against `sid-fast plan`'s prediction.
@@ -376,38 +377,6 @@ def forward_flops(row: Row, transformer):
     return dit_forward_flops(config, row.batch, image_tokens(config, row.latent[1], row.latent[2]), text_shape(row)[0])
 
 
-def estimate_bytes(row: Row, transformer, checkpointed: set[str], frozen_bf16: bool) -> float:
-    """Rough peak: fp32 students with gradients and Adam states (16 B/param each), the teacher (2 or 4 B/param),
-    bf16 autocast copies of the students, and the generator step's stored activations (~48 B per token x width x
-    block and sample, SANA's 2x-wider MLP twice that; checkpointed: the fp32 block inputs plus one block)."""
-    from sid_fast.models.flops import image_tokens
-
-    params = sum(p.numel() for p in transformer.parameters())
-    config = transformer.config
-    width = config.num_attention_heads * config.attention_head_dim
-    blocks = config.num_layers + config.get("num_single_layers", 0)
-    tokens = image_tokens(config, row.latent[1], row.latent[2]) + text_shape(row)[0]
-    full = 48.0 * tokens * width * blocks * (2.0 if row.family == "sana" else 1.0)
-    kept = 4.0 * tokens * width * blocks + full / blocks
-    passes = cfg_passes(row, transformer)
-    per_sample = sum(n * (kept if name in checkpointed else full)
-                     for name, n in (("generator", 1), ("teacher", passes), ("fake_score", passes)))
-    return params * (32 + (2 if frozen_bf16 else 4) + 4) + row.batch * per_sample + 4 * 2**30
-
-
-def choose_checkpointing(row: Row, device: torch.device, fraction: float = 0.85) -> str:
-    """The fewest checkpointed networks (teacher and fake score first: 4 of the generator step's 5 passes) whose
-    estimate fits `fraction` of the card; none on the CPU."""
-    if device.type != "cuda":
-        return ""
-    transformer = build_transformer(row, torch.device("meta"), 0)  # sizes only
-    total = torch.cuda.get_device_properties(device).total_memory
-    for option in ("", "teacher,fake_score", ALL):
-        if estimate_bytes(row, transformer, set(filter(None, option.split(","))), True) <= fraction * total:
-            return option
-    return ALL
-
-
 # ------------------------------------------------------------------------------------------------ configs
 
 
@@ -557,8 +526,11 @@ class TrainerLoop:
         self.own_autocast = config.train.autocast != "off" and not hasattr(self.trainer, "_autocast")
         if self.own_autocast:
             notes.append("train.autocast not applied by this trainer: the benchmark wraps the step in autocast")
-        wanted = [n.strip() for n in config.engine.checkpoint_networks.split(",") if n.strip()] \
-            if config.engine.activation_checkpointing else []
+        # the networks the engine checkpoints (engine.checkpoint_networks resolved, `auto` included)
+        self.checkpointed = tuple(getattr(self.engine, "checkpointed", None) or (
+            [n.strip() for n in config.engine.checkpoint_networks.split(",") if n.strip() not in ("", "auto")]
+            if config.engine.activation_checkpointing else []))
+        wanted = list(self.checkpointed)
         local = config.engine.kind == "local"
         for name in wanted:  # an engine that ignores the switch: apply it here and say so
             module = getattr(self.engine, name).transformer
@@ -676,8 +648,7 @@ def build_loop(row: Row, variant: str, args, device: torch.device, checkpointed:
             overrides[field] = FALLBACKS[field]
             notes.append(f"{field} fell back to {FALLBACKS[field]}: {str(error)[:140]}")
     settings = {k: v for k, v in overrides.items() if k not in COMMON and k != "train.out_dir"}
-    engine = config.engine
-    return loop, settings, (engine.checkpoint_networks if engine.activation_checkpointing else "")
+    return loop, settings, ",".join(loop.checkpointed)
 
 
 def set_tf32(matmul: bool, cudnn: bool) -> tuple[bool, bool] | None:
@@ -988,16 +959,20 @@ def run_row(row: Row, variants: list[str], args, device: torch.device, ctx: dict
             continue
         started = time.monotonic()
         if variant in ("c0", "c") and not checkpointed:
-            checkpointed = choose_checkpointing(row, device)
+            checkpointed = "auto"  # the trainer's choice (engine.checkpoint_networks=auto, sid_fast.engine.planner)
         if variant == "d" and not args.job:
             record, error, oom = run_child(row, key, args, ctx)
         else:
             record, error, oom = attempt(run_variant, row, variant, args, device, ctx, checkpointed)
         free_memory()
-        if oom and variant in ("c0", "c") and checkpointed != ALL:  # the estimate was short: checkpoint all three
+        if oom and variant in ("c0", "c") and checkpointed != ALL:  # the planner's estimate was short
             print(f"{row.name} {key}: out of memory with checkpointing '{checkpointed}'; again with all three", flush=True)
             record, error, oom = attempt(run_variant, row, variant, args, device, ctx, ALL)
             free_memory()
+            if record is not None:
+                record["notes"] = "; ".join(filter(None, [
+                    f"out of memory with engine.checkpoint_networks={checkpointed} (its choice: the [engine] line "
+                    "printed before): the planner underestimates; timed with all three checkpointed", record["notes"]]))
         if error and not oom and "no backend 'auto'" in error:  # accepted by the config, not yet by an op
             field = "kernels.loss_backend" if "_loss" in error else "kernels.attention"
             record, error, oom = attempt(run_variant, row, variant, args, device, ctx, checkpointed,
