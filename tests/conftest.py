@@ -48,6 +48,19 @@ def mixture_lanes(tmp_path_factory):
 def _start_mixture_lanes_early(request):
     """Start the mixture distillations with the session when their tests are selected: about 8 min of two cores
     that the rest of the suite would otherwise wait for at the end."""
-    if any(item.path.name == "test_sid_mixture.py" for item in request.session.items):
-        request.getfixturevalue("mixture_lanes")
+    if not any(item.path.name == "test_sid_mixture.py" for item in request.session.items):
+        yield
+        return
+    request.getfixturevalue("mixture_lanes")
+    # The two lanes keep two threads busy: the tests beside them run at one thread (and so do the processes they
+    # start), so that no OpenMP thread team spins waiting for a core a lane holds (ENVIRONMENT.md: two processes at
+    # the default thread count on 2 cores slowed each other down many times over).
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
