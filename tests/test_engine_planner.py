@@ -174,3 +174,18 @@ def test_launcher_dry_run_with_lora_fake_score(capsys):
     out = capsys.readouterr().out
     assert "fake_lora_rank: 64" in out and "ckpt+lora64" in out and "4×80 GB: fits" in out
     assert "fewest 80 GB GPUs for this config: 4 (1 node of 4" in out
+
+
+def test_an_ema_costs_an_fp32_partition_of_the_generator(capsys):
+    """`--ema` (train.ema_decay > 0): the generator's fp32 EMA, partitioned over the GPUs like its weights; the fake
+    score (full or LoRA) does not have one."""
+    flux = MODELS["flux-dev"]
+    options = PlanOptions(resolution=1024, activation_checkpointing=True)
+    for rank in (0, 64):
+        without = plan(flux, dataclasses.replace(options, lora_fake_rank=rank))
+        with_ema = plan(flux, dataclasses.replace(options, lora_fake_rank=rank, ema=True))
+        assert with_ema["generator_states"] - without["generator_states"] == pytest.approx(4 * flux.params / 8)
+        assert with_ema["fake_score_states"] == without["fake_score_states"]
+        assert with_ema["total"] - without["total"] == pytest.approx(4 * flux.params / 8)
+    assert main(["plan", "--teacher", "flux-dev", "--activation-checkpointing", "--ema"]) == 0
+    assert "ckpt+ema" in capsys.readouterr().out

@@ -203,6 +203,24 @@ def test_auto_checkpointing_follows_the_memory_budget(tmp_path, capsys):
     assert roomy.engine.checkpointed == ()
 
 
+def test_auto_checkpointing_counts_the_ema_and_the_autocast_copies():
+    """The model states the `auto` budget subtracts: weights, gradients and Adam states of what trains, the frozen
+    teacher once, plus the generator's fp32 EMA (ZeRO-3: its partition with engine.sharded_ema) and, under 16-bit
+    autocast on the local engine, the 16-bit copies of the fp32 trained weights that the backward keeps."""
+    from sid_fast.engine.build import _model_state_bytes
+
+    teacher = torch.nn.Linear(10, 10).to(torch.bfloat16).requires_grad_(False)  # 110 parameters, 2 bytes each
+    fake, generator = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)
+    base = _model_state_bytes("local", teacher, (fake, generator), 1, False)
+    assert base == 2 * 110 + 4 * (4 * 220)
+    assert _model_state_bytes("local", teacher, (fake, generator), 1, False, ema=True) == base + 4 * 110
+    assert _model_state_bytes("local", teacher, (fake, generator), 1, False, autocast16=True) == base + 2 * 220
+    zero3 = _model_state_bytes("deepspeed", teacher, (fake, generator), 4, True)
+    assert _model_state_bytes("deepspeed", teacher, (fake, generator), 4, True, ema=True) == zero3 + 4 * 110 / 4
+    assert _model_state_bytes("deepspeed", teacher, (fake, generator), 4, True, ema=True,
+                              sharded_ema=False) == zero3 + 4 * 110
+
+
 def test_auto_checkpointing_needs_a_transformer_config():
     from types import SimpleNamespace
 

@@ -1,6 +1,6 @@
 """`sid-fast plan`: predicted per-GPU memory of a SiD run under ZeRO-3 and whether it fits (see engine/planner.py).
 
-    sid-fast plan --teacher flux-dev --resolution 1024 --activation-checkpointing [--fake-lora-rank 64]
+    sid-fast plan --teacher flux-dev --resolution 1024 --activation-checkpointing [--fake-lora-rank 64] [--ema]
     sid-fast plan --all            # the table of docs/distributed.md
     sid-fast plan --all --min-gpus --fake-lora-rank 64      # fewest 80 GB GPUs, full copies vs LoRA fake score
 """
@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fake-lora-rank", "--lora-fake-rank", dest="lora_fake_rank", type=int, default=0,
                         help="fake score = the teacher's partitioned base + LoRA adapters of this rank "
                              "(teacher.fake_lora_rank); 0: a full fake-score copy")
+    parser.add_argument("--ema", action="store_true",
+                        help="count an fp32 EMA of the generator (train.ema_decay > 0), partitioned like its weights")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--no-cfg", action="store_true", help="κ in {0, 1}: no doubled CFG batches")
     parser.add_argument("--all", action="store_true", help="all teachers at 512 and 1024 px, three option sets "
@@ -84,7 +86,8 @@ def run(args) -> int:
 
     _validate(args)
     base = dict(micro_batch=args.micro_batch, gpus_per_node=args.gpus_per_node, nodes=args.nodes,
-                gpu_gib=args.gpu_gib, precision=args.precision, cfg=not args.no_cfg, lora_fake_rank=args.lora_fake_rank)
+                gpu_gib=args.gpu_gib, precision=args.precision, cfg=not args.no_cfg, lora_fake_rank=args.lora_fake_rank,
+                ema=args.ema)
     if args.min_gpus:
         records, lines = _min_gpus_rows(args, sorted(MODELS, key=lambda k: MODELS[k].params) if args.all
                                         else [args.teacher], base)

@@ -105,7 +105,9 @@ def resolve_checkpointed(config: SiDConfig, bundle, fake_score: nn.Module, gener
     bf16 = engine.bf16 if engine.kind == "deepspeed" else config.teacher.dtype != "float32"
     weight_bytes = 2 if bf16 or config.train.autocast in ("bfloat16", "float16") else 4
     world = int(os.environ.get("WORLD_SIZE", "1")) if engine.kind == "deepspeed" else 1
-    states = _model_state_bytes(engine.kind, bundle.teacher, (fake_score, generator), world, bf16)
+    autocast16 = engine.kind == "local" and config.train.autocast in ("bfloat16", "float16")
+    states = _model_state_bytes(engine.kind, bundle.teacher, (fake_score, generator), world, bf16,
+                                ema=config.train.ema_decay > 0, sharded_ema=engine.sharded_ema, autocast16=autocast16)
     budget = memory - states - planner.PlanOptions.overhead_gib * planner.GIB
     kappa = config.method
     cfg = any(k not in (0.0, 1.0) for k in (kappa.kappa_teacher, kappa.kappa_fake_gen))  # doubled batches (§4)
@@ -120,12 +122,16 @@ def resolve_checkpointed(config: SiDConfig, bundle, fake_score: nn.Module, gener
     return chosen
 
 
-def _model_state_bytes(kind: str, teacher: nn.Module, trained: tuple[nn.Module, ...], world: int, bf16: bool) -> float:
+def _model_state_bytes(kind: str, teacher: nn.Module, trained: tuple[nn.Module, ...], world: int, bf16: bool,
+                       ema: bool = False, sharded_ema: bool = True, autocast16: bool = False) -> float:
     """Per-device bytes of weights, gradients and Adam states: local engine, counted on the networks as built
-    (Adam's two states in the parameter's dtype); ZeRO-3, DeepSpeed's per-parameter bytes (planner)."""
+    (Adam's two states in the parameter's dtype); ZeRO-3, DeepSpeed's per-parameter bytes (planner). `trained` is
+    (fake score, generator). With `ema`, the generator's fp32 EMA copy (ZeRO-3: a partition of it with
+    `sharded_ema`). With `autocast16` (local engine under 16-bit autocast), the 16-bit copies of the fp32 trained
+    weights that autocast makes and the backward keeps until it has run (2 bytes each)."""
     from sid_fast.engine import planner
 
-    seen, frozen, trainable = set(), 0.0, 0.0
+    seen, frozen, trainable, fp32_trainable, generator = set(), 0.0, 0.0, 0, 0
     for module in (teacher, *trained):
         for p in module.parameters():
             if id(p) in seen:
@@ -134,9 +140,12 @@ def _model_state_bytes(kind: str, teacher: nn.Module, trained: tuple[nn.Module, 
             size = p.numel() * (p.element_size() if kind == "local" else 1)  # ZeRO-3: counted in parameters
             if p.requires_grad and module is not teacher:
                 trainable += size
+                fp32_trainable += p.numel() if p.dtype == torch.float32 else 0
+                generator += p.numel() if module is trained[-1] else 0
             else:
                 frozen += size
-    if kind == "local":
-        return frozen + 4 * trainable  # weight + gradient + Adam m and v
+    if kind == "local":  # weight + gradient + Adam m and v
+        return frozen + 4 * trainable + (4 * generator if ema else 0) + (2 * fp32_trainable if autocast16 else 0)
     parts = planner.trainable_state_parts(trainable, world, "bf16" if bf16 else "fp32")
-    return (2 if bf16 else 4) * frozen / world + sum(parts.values())
+    shadow = 4 * generator / (world if sharded_ema else 1) if ema else 0
+    return (2 if bf16 else 4) * frozen / world + sum(parts.values()) + shadow

@@ -82,6 +82,8 @@ class PlanOptions:
     """bf16 (fp32 master weights in the optimizer) or fp32."""
     overhead_gib: float = 3.0
     """CUDA context, NCCL buffers, allocator fragmentation."""
+    ema: bool = False
+    """An EMA of the generator (train.ema_decay > 0): an fp32 copy, partitioned like the weights (engine.sharded_ema)."""
 
 
 def zero3_model_state_bytes(params: float, largest_layer: float, gpus: int, nodes: int, offload: bool) -> float:
@@ -124,12 +126,14 @@ def plan(spec: ModelSpec, options: PlanOptions) -> dict:
     teacher = weight_bytes * spec.params / gpus  # with a LoRA fake score: the one base both use
     generator_parts = trainable_state_parts(spec.params, gpus, options.precision, options.offload_optimizer)
     generator_parts["gathered"] = 4 * spec.largest_layer
+    if options.ema:
+        generator_parts["ema"] = 4 * spec.params / gpus
     if options.lora_fake_rank > 0:  # the base is the teacher's; only the adapters train
         fake_parts = trainable_state_parts(lora_params(spec, options.lora_fake_rank), gpus, options.precision,
                                            options.offload_optimizer)
         fake_parts["gathered"] = 0.0
     else:
-        fake_parts = dict(generator_parts)
+        fake_parts = {k: v for k, v in generator_parts.items() if k != "ema"}
     generator, fake = sum(generator_parts.values()), sum(fake_parts.values())
     tokens = (options.resolution // spec.latent_factor) ** 2 + spec.text_tokens
     activations = sum(activation_parts(spec.hidden, spec.blocks, tokens, options.micro_batch, weight_bytes,
@@ -212,6 +216,8 @@ def format_row(result: dict) -> str:
         flags.append("offload")
     if result["lora_fake_rank"]:
         flags.append(f"lora{result['lora_fake_rank']}")
+    if result.get("ema"):
+        flags.append("ema")
     gpus = result["gpus_per_node"] * result["nodes"]
     verdict = "fits" if result["fits"] else "OOM"
     return (f"| {result['model']} | {result['resolution']} | {result['micro_batch']} | {'+'.join(flags) or '-'} | "
