@@ -6,6 +6,7 @@
 #
 #   launchers/shapes_long_runs.sh sid2a-1step sid2a-4step        # SiD²ₐ from the H200 data-free generators
 #   launchers/shapes_long_runs.sh free-1step sid2a-fu2-1step      # its data-free control; 2 fake updates per step
+#   launchers/shapes_long_runs.sh sid2a-1step-seed1 sid2a-fu2-1step-seed1   # the 1-vs-2 comparison, training seed 1
 #   python benchmarks/studies/shapes_curves.py --run "SiD²ₐ 1-step=runs/shapes-long/sid2a-1step/curve.jsonl" ...
 #
 # Every run starts from the data-free generators distilled on a lent H200 (850 / 180 iterations of the reference
@@ -54,6 +55,12 @@ for name in "$@"; do
     sid2a-fu2-1step) launch "$name" 1 sid2a-fu2 "train.iterations=${FU2_ITER:-1000}" train.fake_updates=2 \
         adversarial.enabled=true adversarial.generator_warmup_images=2400 adversarial.adversarial_from_images=3600 \
         train.fake_warmup_iters=0 ;;
-    *) echo "unknown run $name (sid2a-1step, sid2a-4step, free-1step, sid2a-fu2-1step)" >&2; exit 2 ;;
+    # replicates of the fake-update comparison with another training seed (same start, evaluation prompts and noise)
+    sid2a-1step-seed1) launch "$name" 1 sid2a-seed1 "train.iterations=${ITER:-1000}" train.seed=1 $AIDED ;;
+    sid2a-fu2-1step-seed1) launch "$name" 1 sid2a-fu2-seed1 "train.iterations=${FU2_ITER:-1000}" train.seed=1 \
+        train.fake_updates=2 adversarial.enabled=true adversarial.generator_warmup_images=2400 \
+        adversarial.adversarial_from_images=3600 train.fake_warmup_iters=0 ;;
+    *) echo "unknown run $name (sid2a-1step, sid2a-4step, free-1step, sid2a-fu2-1step, sid2a-1step-seed1," \
+            "sid2a-fu2-1step-seed1)" >&2; exit 2 ;;
   esac
 done
