@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, config in configs.items():
         if k in trained:  # trained elsewhere: its card says how; scored here exactly like a run trained here
             generator, made = load_trained(trained[k])
-            iterations, seconds, config_ref = made.get("iterations"), made.get("run_seconds"), made.get("config")
-            print(f"[reference] scoring the {k}-step generator {trained[k]} ({iterations} iterations on "
-                  f"{made.get('machine')})", flush=True)
+            iterations = made.get("iterations", made.get("step"))  # a Curve's best-{ema,raw} card: the step
+            seconds, config_ref = made.get("run_seconds"), made.get("config")
+            machine = made.get("machine", "a machine its card does not name")
+            print(f"[reference] scoring the {k}-step generator {trained[k]} ({iterations} iterations on {machine})",
+                  flush=True)
         else:
             config = load_config(overrides=[f"data.shards={shards}"], base=config)
             curve = None

@@ -252,6 +252,12 @@ def test_reference_launcher_logs_a_learning_curve_that_survives_a_resume(world, 
     card = read_card(out / "aided-1step" / "generator-fp16.safetensors")
     assert card["trained_by"]["iterations"] == 6 and card["trained_by"]["weights"] == str(checkpoint)
     assert card["config"]["train"]["batch_size"] == 4 and card["config"]["adversarial"]["enabled"] is True
+    # a curve's best generator scored the same way: its row says the iteration it was taken at
+    best_raw = out / "aided-1step" / "best-raw.safetensors"
+    assert launcher.main(["--from", f"1={best_raw}", "--out", str(out), "--label", "aided", "--prompts", "10",
+                          "--two-object-prompts", "5", "--set", f"teacher.path={world['teacher']}"]) == 0
+    scored = json.loads((out / "reference.jsonl").read_text().splitlines()[-1])
+    assert scored["iterations"] == read_card(best_raw)["step"] == min(curve, key=lambda r: r["raw_fd"])["step"]
 
     plots = _script("shapes_curves", "benchmarks/studies/shapes_curves.py")
     result = plots.main(["--run", f"aided={out / 'curve.jsonl'}", "--teacher", str(out / "reference.jsonl"),
