@@ -25,6 +25,9 @@ BASE="train.batch_size=16 optim.lr_generator=2e-5 train.ckpt_every=100 train.kee
       train.progress=false health.tensorboard=false"
 AIDED="adversarial.enabled=true adversarial.generator_warmup_images=1600 adversarial.adversarial_from_images=2400
        train.fake_warmup_iters=0"
+# two fake-score updates per generator update (the recipe: one); generator from iteration 50, L_adv from 75
+FU2="train.fake_updates=2 adversarial.enabled=true adversarial.generator_warmup_images=2400
+     adversarial.adversarial_from_images=3600 train.fake_warmup_iters=0"
 
 launch() {  # name K label settings...
   local name=$1 k=$2 label=$3
@@ -51,15 +54,10 @@ for name in "$@"; do
     sid2a-4step) launch "$name" 4 sid2a "train.iterations=${ITER:-3000}" $AIDED ;;
     # SiD²ₐ's control: continued data-free SiD from the same start, the generator's first update at iteration 50
     free-1step) launch "$name" 1 free "train.iterations=${CONTROL_ITER:-1000}" train.fake_warmup_iters=50 ;;
-    # two fake-score updates per generator update (the recipe: one); generator from iteration 50, L_adv from 75
-    sid2a-fu2-1step) launch "$name" 1 sid2a-fu2 "train.iterations=${FU2_ITER:-1000}" train.fake_updates=2 \
-        adversarial.enabled=true adversarial.generator_warmup_images=2400 adversarial.adversarial_from_images=3600 \
-        train.fake_warmup_iters=0 ;;
+    sid2a-fu2-1step) launch "$name" 1 sid2a-fu2 "train.iterations=${FU2_ITER:-1000}" $FU2 ;;
     # replicates of the fake-update comparison with another training seed (same start, evaluation prompts and noise)
     sid2a-1step-seed1) launch "$name" 1 sid2a-seed1 "train.iterations=${ITER:-1000}" train.seed=1 $AIDED ;;
-    sid2a-fu2-1step-seed1) launch "$name" 1 sid2a-fu2-seed1 "train.iterations=${FU2_ITER:-1000}" train.seed=1 \
-        train.fake_updates=2 adversarial.enabled=true adversarial.generator_warmup_images=2400 \
-        adversarial.adversarial_from_images=3600 train.fake_warmup_iters=0 ;;
+    sid2a-fu2-1step-seed1) launch "$name" 1 sid2a-fu2-seed1 "train.iterations=${FU2_ITER:-1000}" train.seed=1 $FU2 ;;
     *) echo "unknown run $name (sid2a-1step, sid2a-4step, free-1step, sid2a-fu2-1step, sid2a-1step-seed1," \
             "sid2a-fu2-1step-seed1)" >&2; exit 2 ;;
   esac

@@ -312,8 +312,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, sigterm_runs, tmp
     probe = step_log(tmp_path / "one_lora", 0, "probe")
     assert probe[0]["step"] == 3 and probe[0]["fake_minus_teacher"] > 0 and probe[0]["teacher_equals_disabled_fake"]
     # DeepSpeed's own model-states file, written by this test's run (plain containers and tensors: no pickle needed)
-    saved = torch.load(tmp_path / "one_lora" / "checkpoints" / "step-00000003" / "fake_score" /
-                       "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    states = tmp_path / "one_lora" / "checkpoints" / "step-00000003" / "fake_score"
+    states = states / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    saved = torch.load(states, map_location="cpu", weights_only=True)
     assert not saved.get("frozen_param_fragments") and all("lora_" in name for name in saved["param_shapes"][0]), \
         "the LoRA fake score's checkpoint must hold the adapters only (the base is the teacher's)"
 

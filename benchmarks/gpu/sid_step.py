@@ -526,18 +526,19 @@ class TrainerLoop:
         self.own_autocast = config.train.autocast != "off" and not hasattr(self.trainer, "_autocast")
         if self.own_autocast:
             notes.append("train.autocast not applied by this trainer: the benchmark wraps the step in autocast")
-        # the networks the engine checkpoints (engine.checkpoint_networks resolved, `auto` included)
-        self.checkpointed = tuple(getattr(self.engine, "checkpointed", None) or (
-            [n.strip() for n in config.engine.checkpoint_networks.split(",") if n.strip() not in ("", "auto")]
-            if config.engine.activation_checkpointing else []))
-        wanted = list(self.checkpointed)
+        # the networks the engine checkpoints (engine.checkpoint_networks resolved, `auto` included); an older engine
+        # without the attribute: the networks the config names
+        self.checkpointed = getattr(self.engine, "checkpointed", None)
+        if self.checkpointed is None:
+            self.checkpointed = tuple(n.strip() for n in config.engine.checkpoint_networks.split(",") if n.strip()) \
+                if config.engine.activation_checkpointing else ()
         local = config.engine.kind == "local"
-        for name in wanted:  # an engine that ignores the switch: apply it here and say so
+        for name in self.checkpointed:  # an engine that ignores the switch: apply it here and say so
             module = getattr(self.engine, name).transformer
             if local and not getattr(module, "gradient_checkpointing", False):
                 module.enable_gradient_checkpointing()
                 notes.append(f"checkpointing of the {name} applied by the benchmark (the engine ignored it)")
-        if local and "fake_score" in wanted and not hasattr(self.engine, "_frozen_until_backward"):
+        if local and "fake_score" in self.checkpointed and not hasattr(self.engine, "_frozen_until_backward"):
             # the fake score's blocks are recomputed inside the generator's backward, so it must stay frozen until
             # then (DeepSpeedEngine does so); restoring requires_grad on leaving `frozen` makes the recomputation
             # differ from the forward (torch.utils.checkpoint.CheckpointError)

@@ -144,8 +144,8 @@ def _model_state_bytes(kind: str, teacher: nn.Module, trained: tuple[nn.Module, 
                 generator += p.numel() if module is trained[-1] else 0
             else:
                 frozen += size
+    shadow = planner.ema_bytes(generator, world, sharded_ema) if ema else 0.0
     if kind == "local":  # weight + gradient + Adam m and v
-        return frozen + 4 * trainable + (4 * generator if ema else 0) + (2 * fp32_trainable if autocast16 else 0)
+        return frozen + 4 * trainable + shadow + (2 * fp32_trainable if autocast16 else 0)
     parts = planner.trainable_state_parts(trainable, world, "bf16" if bf16 else "fp32")
-    shadow = 4 * generator / (world if sharded_ema else 1) if ema else 0
     return (2 if bf16 else 4) * frozen / world + sum(parts.values()) + shadow

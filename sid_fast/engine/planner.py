@@ -119,6 +119,12 @@ def trainable_state_parts(params: float, gpus: int, precision: str = "bf16", off
     return {kind: size * params / gpus for kind, size in per.items()}
 
 
+def ema_bytes(params: float, gpus: int = 1, sharded: bool = True) -> float:
+    """Per-GPU bytes of the generator's fp32 EMA (sid_fast.engine.base.EMA, ShardedEMA): 4 per parameter, a 1/gpus
+    partition of it when sharded (engine.sharded_ema)."""
+    return 4 * params / (gpus if sharded else 1)
+
+
 def plan(spec: ModelSpec, options: PlanOptions) -> dict:
     """Per-GPU memory (bytes) by part and the verdict for `options`."""
     gpus = options.gpus_per_node * options.nodes
@@ -126,14 +132,14 @@ def plan(spec: ModelSpec, options: PlanOptions) -> dict:
     teacher = weight_bytes * spec.params / gpus  # with a LoRA fake score: the one base both use
     generator_parts = trainable_state_parts(spec.params, gpus, options.precision, options.offload_optimizer)
     generator_parts["gathered"] = 4 * spec.largest_layer
-    if options.ema:
-        generator_parts["ema"] = 4 * spec.params / gpus
     if options.lora_fake_rank > 0:  # the base is the teacher's; only the adapters train
         fake_parts = trainable_state_parts(lora_params(spec, options.lora_fake_rank), gpus, options.precision,
                                            options.offload_optimizer)
         fake_parts["gathered"] = 0.0
     else:
-        fake_parts = {k: v for k, v in generator_parts.items() if k != "ema"}
+        fake_parts = dict(generator_parts)
+    if options.ema:  # the generator's only: the fake score has none
+        generator_parts["ema"] = ema_bytes(spec.params, gpus)
     generator, fake = sum(generator_parts.values()), sum(fake_parts.values())
     tokens = (options.resolution // spec.latent_factor) ** 2 + spec.text_tokens
     activations = sum(activation_parts(spec.hidden, spec.blocks, tokens, options.micro_batch, weight_bytes,
